@@ -1,0 +1,1 @@
+"""Alert rules as code and the chat notifier (see the live-observability issue)."""

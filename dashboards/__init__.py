@@ -1,0 +1,1 @@
+"""Live (Prometheus/Grafana) and post-mortem (Streamlit) views of a run; reads only the kernel."""

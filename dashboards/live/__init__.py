@@ -1,0 +1,1 @@
+"""Prometheus exporter and Grafana dashboards as code (see the live-observability issue)."""

@@ -1,0 +1,1 @@
+"""Streamlit explorer over a run directory (see the post-mortem explorer issue)."""

@@ -1,0 +1,1 @@
+"""The DeepSpeed GPT trainer: model, data, engine, loop, checkpoints, schedules."""

@@ -1,0 +1,129 @@
+"""The DeepSpeed engine, built from yoto's config, and the few things DeepSpeed leaves out.
+
+- The DeepSpeed config is generated (batch, ZeRO stage, precision, clipping); the
+  ``deepspeed:`` config section is merged last for anything else.
+- The optimizer is torch AdamW (fused on CUDA) with decay only on matrices.
+- The LR is set on the optimizer's param groups each step (schedule.learning_rate), so no
+  scheduler state needs checkpointing.
+- The global grad norm: DeepSpeed reports it for ZeRO and mixed precision; for fp32
+  without ZeRO it clips without keeping the norm, so there yoto clips itself, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+
+from yoto.config import Config, deep_merge
+from yoto.errors import ConfigError
+
+from .distributed import DistInfo
+
+FP16_LOSS_SCALE = {  # DeepSpeed's DynamicLossScaler defaults, spelled out
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
+
+def check_precision(cfg: Config, device: torch.device) -> None:
+    """Fail before training when the device cannot run the chosen precision."""
+    precision = cfg.train.precision
+    if device.type == "cpu" and precision == "fp16":
+        supported = False
+        with contextlib.suppress(AttributeError, RuntimeError):
+            supported = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        if not supported:
+            raise ConfigError(
+                "train.precision='fp16' is not supported on this CPU (DeepSpeed's CPU "
+                "accelerator needs oneDNN fp16, which this processor lacks); use "
+                "train.precision=fp32 (the CPU default) or bf16"
+            )
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"train.precision='bf16' is not supported by {torch.cuda.get_device_name()}; "
+            f"use fp16 (with loss scaling) or fp32"
+        )
+
+
+def own_clipping(cfg: Config) -> bool:
+    """True where DeepSpeed would clip without keeping the norm (fp32, no ZeRO)."""
+    return cfg.train.precision == "fp32" and cfg.train.zero_stage == 0
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+    t = cfg.train
+    granularity = t.micro_batch_size * world
+    if t.global_batch_size % granularity:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size x ranks = {t.micro_batch_size} x {world} = {granularity}"
+        )
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // granularity,
+        "gradient_clipping": 0.0 if own_clipping(cfg) else cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", **FP16_LOSS_SCALE},
+        "steps_per_print": 2**62,  # yoto reports; DeepSpeed's own log lines stay quiet
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(ds, cfg.deepspeed)
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: Config, device: torch.device
+) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for p in model.parameters():  # tied weights appear once
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    o = cfg.optim
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda"
+    )
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, info: DistInfo) -> Any:
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    model = model.to(info.device)
+    optimizer = make_optimizer(model, cfg, info.device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world)
+    )
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_own(engine: Any, max_norm: float) -> torch.Tensor:
+    """Global grad norm (before clipping) for the fp32/no-ZeRO path, clipping if asked.
+    Called after the last micro-batch's backward, when DeepSpeed has already averaged the
+    gradients over ranks. Stays on device."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+
+def reported_grad_norm(engine: Any) -> torch.Tensor | float | None:
+    """The norm DeepSpeed computed in the last step (ZeRO / mixed precision paths)."""
+    return engine.get_global_grad_norm()

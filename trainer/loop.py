@@ -1,0 +1,329 @@
+"""The training loop.
+
+One optimizer step, in order, and where each hook fires (DESIGN.md "One step")::
+
+    bs = ramp.size_at(tokens)               batch-size warmup -> engine.set_train_batch_size
+    lr = learning_rate(step)                set on the optimizer's param groups
+    windows = sampler.next_global_batch(bs) deterministic, resumable, skippable
+    for micro in range(gas):
+        loss = engine(x, y)
+        engine.backward(loss)
+        probes.on_micro_step(ctx)           <- micro-batch hooks (tensors stay on device)
+        engine.step()                       DeepSpeed applies the update at the boundary
+    probes.on_step(ctx)                     <- step hooks
+    values = runner.flush()                 ONE device->host transfer for the step
+    (detectors -> policy -> apply: the probes and interventions issues)
+    sinks.write_step(values)                run directory (+ live exporters)
+    evaluate (every eval.every steps)       per-source validation loss, its own flush
+    checkpoint (every checkpoint.every)     DeepSpeed save; COMPLETE sealed in background
+
+Every rank runs the same code; rank 0 alone writes through the sinks. Decisions that all
+ranks must share (stop now) travel in a control tensor all-reduced with the loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from yoto.probes.base import MicroStepContext, Sample, StepContext
+from yoto.probes.runner import ProbeRunner
+
+from yoto import catalog
+from yoto.config import Config
+from yoto.events import Event, EventKind, Severity, Sinks
+
+from . import distributed
+from . import engine as eng
+from .checkpoint import CheckpointDir, Checkpointer
+from .distributed import DistInfo
+from .progress import Progress
+from .sampler import Sampler
+from .schedule import BatchRamp, learning_rate
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done on the surviving branch
+    tokens: int = 0  # training tokens consumed on it
+    attempt: int = 0  # +1 at each rollback or replaying resume
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Any,
+        sampler: Sampler,
+        val_batches: dict[str, list[torch.Tensor]],
+        info: DistInfo,
+        sinks: Sinks,
+        checkpointer: Checkpointer | None,
+        runner: ProbeRunner | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.sampler = sampler
+        self.val_batches = val_batches
+        self.info = info
+        self.sinks = sinks
+        self.checkpointer = checkpointer
+        self.runner = runner or ProbeRunner()
+        self.state = TrainState()
+        self.stop_requested = False  # set by a signal handler; agreed by all ranks
+        self.own_clipping = eng.own_clipping(cfg)
+        granularity = cfg.train.micro_batch_size * info.world
+        warm = cfg.train.batch_warmup
+        self.ramp = (
+            BatchRamp(warm.start, cfg.train.global_batch_size, warm.tokens, granularity)
+            if warm.start is not None
+            else BatchRamp.constant(cfg.train.global_batch_size, granularity)
+        )
+        self.last_values: dict[str, float] = {}
+        self._last_saved_step = -1
+
+    # --- events ---------------------------------------------------------------------------
+
+    def event(
+        self,
+        kind: EventKind,
+        severity: Severity,
+        message: str,
+        step: int | None = None,
+        **data: Any,
+    ) -> None:
+        if self.info.is_main:
+            at = self.state.step if step is None else step
+            self.sinks.write_event(Event(at, self.state.attempt, kind, severity, message, data))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def fit(self, progress: Progress | None = None) -> str:
+        """Train until train.steps or an agreed stop. Returns the run status."""
+        cfg = self.cfg
+        progress = progress or Progress(cfg.train.steps, self.state.step, enabled=False)
+        status = "finished"
+        self._start_batch_schedule()
+        while self.state.step < cfg.train.steps:
+            values, stop = self.train_step()
+            last = self.state.step >= cfg.train.steps
+            if last or (cfg.eval.every and self.state.step % cfg.eval.every == 0):
+                values.update(self.evaluate())
+            self.sinks.write_step(self.state.attempt, self.state.step, values)
+            self.last_values = values
+            if self.info.is_main:
+                progress.update(
+                    self.state.step,
+                    values[catalog.TRAIN_LOSS.name],
+                    values[catalog.THROUGHPUT.name],
+                )
+                self._report_eval(progress, values)
+            self._collect_checkpoints()
+            every = cfg.checkpoint.every
+            if every and self.state.step % every == 0 and self.state.step < cfg.train.steps:
+                self.save_checkpoint()
+            if stop:
+                status = "interrupted"
+                break
+        if self._last_saved_step != self.state.step:
+            self.save_checkpoint()
+        self.finish_checkpoints()
+        return status
+
+    def _start_batch_schedule(self) -> None:
+        """Put the engine on the schedule's batch for the current position, silently; only
+        later changes are events."""
+        ramp, engine = self.ramp, self.engine
+        size = ramp.size_at(self.state.tokens)
+        if size != engine.train_batch_size():
+            engine.set_train_batch_size(size)
+        if self.state.step == 0 and size != ramp.target:
+            self.event(
+                EventKind.BATCH_SIZE,
+                Severity.INFO,
+                f"batch warmup: {size} -> {ramp.target} sequences over {ramp.ramp_tokens:,} tokens",
+                previous=None,
+                new=size,
+                reason="warmup",
+                target=ramp.target,
+                ramp_tokens=ramp.ramp_tokens,
+            )
+
+    def train_step(self) -> tuple[dict[str, float], bool]:
+        cfg, engine, info, s = self.cfg, self.engine, self.info, self.state
+        started = time.perf_counter()
+        batch_size = self.ramp.size_at(s.tokens)
+        if batch_size != engine.train_batch_size():
+            previous = engine.train_batch_size()
+            engine.set_train_batch_size(batch_size)
+            self.event(
+                EventKind.BATCH_SIZE,
+                Severity.INFO,
+                f"global batch {previous} -> {batch_size} sequences (warmup)",
+                previous=previous,
+                new=batch_size,
+                reason="warmup",
+                tokens=batch_size * cfg.model.seq_len,
+            )
+        lr = learning_rate(s.step, cfg.optim, cfg.train.steps)
+        eng.set_lr(engine, lr)
+
+        windows = self.sampler.next_global_batch(batch_size)
+        n_micro = engine.gradient_accumulation_steps()
+        loss_sum = torch.zeros((), device=info.device)
+        grad_norm: torch.Tensor | float | None = None
+        for micro in range(n_micro):
+            tokens = self.sampler.micro_batch(
+                windows, micro, info.rank, info.world, cfg.train.micro_batch_size
+            )
+            tokens = tokens.to(info.device, non_blocking=True)
+            # explicit: DeepSpeed's own micro-step counter goes out of phase when the
+            # accumulation count changes (batch warmup)
+            boundary = micro == n_micro - 1
+            engine.set_gradient_accumulation_boundary(boundary)
+            loss = engine(tokens[:, :-1], tokens[:, 1:])
+            engine.backward(loss)
+            loss_sum += loss.detach().float()
+            self.runner.on_micro_step(
+                MicroStepContext(s.step + 1, micro, n_micro, loss.detach(), tokens, engine)
+            )
+            if boundary and self.own_clipping:
+                grad_norm = eng.clip_own(engine, cfg.optim.grad_clip)
+            engine.step()
+        if grad_norm is None:
+            grad_norm = eng.reported_grad_norm(engine)
+
+        loss_mean = loss_sum / n_micro
+        control = None
+        if info.world > 1:  # mean loss over ranks and the stop flag, in one collective
+            flags = torch.tensor([1.0 if self.stop_requested else 0.0], device=info.device)
+            buf = distributed.all_reduce_sum_(torch.cat([loss_mean.reshape(1), flags]))
+            loss_mean, control = buf[0] / info.world, buf[1:]
+
+        s.step += 1
+        s.tokens += batch_size * cfg.model.seq_len
+        runner = self.runner
+        runner.add(Sample(catalog.TRAIN_LOSS.name, loss_mean))
+        if grad_norm is not None:
+            runner.add(Sample(catalog.GRAD_NORM.name, grad_norm))
+        runner.add(Sample(catalog.LEARNING_RATE.name, lr))
+        runner.add(
+            Sample(catalog.BATCH_SIZE_TOKENS.name, engine.train_batch_size() * cfg.model.seq_len)
+        )
+        runner.add(Sample(catalog.STEPS.name, s.step))
+        runner.add(Sample(catalog.TOKENS.name, s.tokens))
+        runner.add(Sample(catalog.ATTEMPT.name, s.attempt))
+        runner.on_step(
+            StepContext(
+                s.step,
+                s.attempt,
+                s.tokens,
+                batch_size,
+                cfg.model.seq_len,
+                loss_mean,
+                grad_norm,
+                lr,
+                engine,
+            )
+        )
+        values, flags = runner.flush(control)
+        duration = time.perf_counter() - started
+        values[catalog.STEP_DURATION.name] = duration
+        values[catalog.THROUGHPUT.name] = batch_size * cfg.model.seq_len / duration
+        stop = bool(flags[0]) if flags else self.stop_requested
+        return values, stop
+
+    # --- validation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss per source over all ranks' shares (one flush)."""
+        engine, info = self.engine, self.info
+        engine.eval()
+        sums = torch.zeros(len(self.val_batches), 2, dtype=torch.float64, device=info.device)
+        for i, batches in enumerate(self.val_batches.values()):
+            for batch in batches:
+                batch = batch.to(info.device, non_blocking=True)
+                loss = engine(batch[:, :-1], batch[:, 1:])
+                sums[i, 0] += loss.double() * batch.size(0)
+                sums[i, 1] += batch.size(0)
+        engine.train()
+        distributed.all_reduce_sum_(sums)
+        for i, source in enumerate(self.val_batches):
+            self.runner.add(
+                Sample(
+                    catalog.VAL_LOSS.name, sums[i, 0] / sums[i, 1].clamp(min=1), {"source": source}
+                )
+            )
+        values, _ = self.runner.flush()
+        return values
+
+    def _report_eval(self, progress: Progress, values: dict[str, float]) -> None:
+        val = {
+            catalog.parse_series_key(k)[1]["source"]: v
+            for k, v in values.items()
+            if k.startswith(catalog.VAL_LOSS.name + "{")
+        }
+        if val:
+            parts = ", ".join(f"{src} {v:.4f}" for src, v in val.items())
+            progress.note(f"step {self.state.step}: val loss {parts}")
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "yoto": {
+                "state": asdict(self.state),
+                "sampler": self.sampler.state_dict(),
+                "probes": self.runner.state_dict(),
+                "batch_size": self.engine.train_batch_size(),
+            }
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer is None:
+            return
+        self.checkpointer.save(self.engine, self.state.step, self.client_state())
+        self._last_saved_step = self.state.step
+
+    def restore(self, ckpt: CheckpointDir) -> None:
+        """Load a checkpoint on every rank: model, optimizer, sampler, probes, counters."""
+        assert self.checkpointer is not None
+        client = self.checkpointer.load(self.engine, ckpt).get("yoto", {})
+        self.state = TrainState(**client["state"])
+        self.sampler.load_state_dict(client["sampler"])
+        self.runner.load_state_dict(client.get("probes", {}))
+        self._last_saved_step = self.state.step
+
+    def _collect_checkpoints(self) -> None:
+        if self.checkpointer is None or not self.info.is_main:
+            return
+        for result in self.checkpointer.poll():
+            if result.error:
+                self.event(
+                    EventKind.CHECKPOINT,
+                    Severity.WARNING,
+                    f"checkpoint step-{result.step} could not be sealed: {result.error}",
+                    step=result.step,
+                    path=str(result.path),
+                    error=result.error,
+                )
+                continue
+            self.event(
+                EventKind.CHECKPOINT,
+                Severity.INFO,
+                f"checkpoint step-{result.step} complete "
+                f"({result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s)",
+                step=result.step,
+                path=str(result.path),
+                bytes=result.bytes,
+                seconds=result.seconds,
+                removed=result.removed,
+            )
+
+    def finish_checkpoints(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+            self._collect_checkpoints()

@@ -1,0 +1,246 @@
+"""``yoto train``: set up everything a run needs, in the order that fails cheapest first.
+
+config checks -> process group -> data -> model -> DeepSpeed config check -> run directory
+(rank 0) -> engine -> resume -> loop -> final record. A bad config or a bad data path
+fails before a run directory exists; once it exists, every way out (finished, interrupted
+by a signal, crashed) is written into its manifest and events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yoto import runstore
+from yoto.config import Config
+from yoto.errors import ConfigError
+from yoto.events import Event, EventKind, Severity, Sinks
+from yoto.runstore import RunStore
+
+from . import distributed, tokenizer
+from . import engine as eng
+from .checkpoint import CheckpointDir, Checkpointer, newest_valid
+from .corpus import Corpus, load_corpus
+from .loop import Trainer
+from .model import GPT
+from .progress import Progress
+from .sampler import Sampler, validation_batches
+
+
+def vocab_size(cfg: Config) -> int:
+    size = cfg.model.vocab_size or tokenizer.padded_vocab_size()
+    if size < tokenizer.VOCAB_SIZE:
+        raise ConfigError(
+            f"model.vocab_size={size} is smaller than the byte tokenizer's "
+            f"{tokenizer.VOCAB_SIZE} tokens; leave it unset or give at least that"
+        )
+    return size
+
+
+def prepare(
+    cfg: Config,
+) -> tuple[distributed.DistInfo, Corpus, Sampler, dict[str, list[torch.Tensor]], GPT]:
+    """Everything before the run directory: checks, process group, data, model."""
+    device = distributed.choose_device(cfg.train.device)
+    eng.check_precision(cfg, device)
+    info = distributed.setup(device)
+    eng.deepspeed_config(cfg, info.world)  # batch divisibility for this world size
+    vocab = vocab_size(cfg)
+    corpus = load_corpus(cfg.data, min_tokens=cfg.model.seq_len + 1)
+    sampler = Sampler(corpus, cfg.model.seq_len, cfg.train.seed)
+    val = {
+        source: validation_batches(
+            split.val,
+            cfg.model.seq_len,
+            cfg.train.micro_batch_size,
+            cfg.eval.batches,
+            info.rank,
+            info.world,
+        )
+        for source, split in corpus.sources.items()
+    }
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    return info, corpus, sampler, val, GPT(cfg.model, vocab)
+
+
+def train(
+    cfg: Config,
+    run_root: str | Path = "runs",
+    name: str = "run",
+    resume: str | Path | None = None,
+    argv: list[str] | None = None,
+) -> Path:
+    """Train one run (or resume one); returns its run directory."""
+    info, corpus, sampler, val, model = prepare(cfg)
+    store = (
+        _open_store(cfg, info, run_root, name, resume, argv, model, corpus)
+        if info.is_main
+        else None
+    )
+    run_dir = Path(distributed.broadcast_object(str(store.path) if store else None))
+    sinks = Sinks(durable=store)
+
+    status = "crashed"
+    trainer: Trainer | None = None
+    try:
+        engine = eng.build_engine(model, cfg, info)
+        checkpointer = Checkpointer(
+            run_dir / runstore.CHECKPOINTS, cfg.checkpoint.keep_last, info.rank
+        )
+        trainer = Trainer(cfg, engine, sampler, val, info, sinks, checkpointer)
+        if resume is not None:
+            _resume(trainer, run_dir)
+        trainer.event(
+            EventKind.START,
+            Severity.INFO,
+            f"training on {info.world} rank(s), {info.device.type}, "
+            f"{model.num_params():,} non-embedding parameters",
+            world=info.world,
+            device=info.device.type,
+            resumed=resume is not None,
+        )
+        with _graceful_stop(trainer), contextlib.ExitStack() as stack:
+            progress = Progress(
+                cfg.train.steps, trainer.state.step, enabled=info.is_main and cfg.log.progress
+            )
+            stack.callback(progress.close)
+            status = trainer.fit(progress)
+    except BaseException as exc:
+        if trainer is not None:
+            with contextlib.suppress(Exception):
+                trainer.finish_checkpoints()
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
+        if store is not None:
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            step = trainer.state.step if trainer else 0
+            attempt = trainer.state.attempt if trainer else 0
+            store.write_event(
+                Event(
+                    step,
+                    attempt,
+                    EventKind.END,
+                    Severity.CRITICAL,
+                    f"run {status}: {detail}",
+                    {"status": status},
+                )
+            )
+            store.close(status)
+        raise
+    if store is not None:
+        assert trainer is not None
+        trainer.event(
+            EventKind.END,
+            Severity.INFO,
+            f"run {status} at step {trainer.state.step}",
+            status=status,
+        )
+        sinks.close(status)
+        print(f"\nrun {status}: {run_dir}\n  details: yoto runs show {run_dir}", file=sys.stderr)
+    distributed.barrier()
+    return run_dir
+
+
+def _open_store(
+    cfg: Config,
+    info: distributed.DistInfo,
+    run_root: str | Path,
+    name: str,
+    resume: str | Path | None,
+    argv: list[str] | None,
+    model: GPT,
+    corpus: Corpus,
+) -> RunStore:
+    extra = {
+        "world_size": info.world,
+        "device": info.device.type,
+        "argv": argv or [],
+        "parameters": model.num_params(non_embedding=False),
+        "non_embedding_parameters": model.num_params(),
+        "data": corpus.token_counts(),
+    }
+    kwargs = {
+        "flush_every_steps": cfg.log.flush_every_steps,
+        "flush_every_seconds": cfg.log.flush_every_seconds,
+    }
+    if resume is not None:
+        store = RunStore.reopen(resume, extra=extra, **kwargs)
+        runstore.atomic_write_bytes(store.path / runstore.CONFIG, cfg.to_yaml().encode())
+        return store
+    return RunStore.create(run_root, name, cfg.to_yaml(), extra=extra, **kwargs)
+
+
+def _resume(trainer: Trainer, run_dir: Path) -> None:
+    """Load the newest complete, intact checkpoint on every rank (rank 0 chooses)."""
+    info = trainer.info
+    rejected: list[dict[str, Any]] = []
+    chosen: CheckpointDir | None = None
+    if info.is_main:
+
+        def reject(ckpt: CheckpointDir, reason: str) -> None:
+            rejected.append({"checkpoint": ckpt.tag, "reason": reason})
+            trainer.event(
+                EventKind.CHECKPOINT,
+                Severity.WARNING,
+                f"skipping checkpoint {ckpt.tag}: {reason}",
+                checkpoint=ckpt.tag,
+                reason=reason,
+                rejected=True,
+            )
+
+        chosen = newest_valid(run_dir / runstore.CHECKPOINTS, reject)
+    chosen = distributed.broadcast_object(chosen)
+    if chosen is not None:
+        trainer.restore(chosen)
+    recorded = runstore.last_recorded(run_dir) if info.is_main else None
+    from_step = trainer.state.step
+    # steps after the checkpoint that are already recorded will be replayed: a new attempt
+    replay = recorded is not None and recorded[1] > from_step
+    if replay:
+        trainer.state.attempt = recorded[0] + 1
+    trainer.state.attempt = distributed.broadcast_object(trainer.state.attempt)
+    where = f"checkpoint {chosen.tag}" if chosen else "the beginning (no usable checkpoint)"
+    trainer.event(
+        EventKind.RESUME,
+        Severity.INFO if chosen else Severity.WARNING,
+        f"resumed from {where}, attempt {trainer.state.attempt}",
+        checkpoint=chosen.tag if chosen else None,
+        from_step=from_step,
+        replayed_steps=(recorded[1] - from_step) if replay else 0,
+        rejected=rejected,
+        sampler_position=trainer.sampler.position,
+    )
+
+
+@contextlib.contextmanager
+def _graceful_stop(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM (scheduler preemption) or a first Ctrl-C: finish the step, checkpoint,
+    record 'interrupted'. A second Ctrl-C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        if trainer.info.is_main:
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this step "
+                f"(checkpoint first); Ctrl-C again to stop now",
+                file=sys.stderr,
+            )
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

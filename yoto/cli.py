@@ -1,0 +1,254 @@
+"""The ``yoto`` command.
+
+    yoto train [--preset NAME | --config FILE] [--set key=value ...] [--run-root DIR]
+               [--name NAME] [--resume RUN_DIR]
+    yoto config [--preset NAME | --config FILE] [--set key=value ...]   # print, validate
+    yoto presets
+    yoto runs list [ROOT] [--json]
+    yoto runs show RUN_DIR [--json]
+
+Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
+printed as one clear message and exit with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from yoto import config as config_mod
+from yoto import runstore
+from yoto.errors import ConfigError, YotoError
+
+DEFAULT_PRESET = "tiny"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--preset", help=f"shipped preset (default {DEFAULT_PRESET}); see 'yoto presets'"
+    )
+    src.add_argument("--config", metavar="FILE", help="YAML config file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one field, e.g. --set train.steps=100 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yoto", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a GPT with DeepSpeed; writes a run directory")
+    _add_config_args(p)
+    p.add_argument(
+        "--run-root",
+        default="runs",
+        metavar="DIR",
+        help="folder that receives the run directory (default ./runs)",
+    )
+    p.add_argument("--name", help="run name (default: the preset or config file name)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("config", help="print the resolved configuration (validates it)")
+    _add_config_args(p)
+
+    sub.add_parser("presets", help="list the shipped presets")
+
+    runs = sub.add_parser("runs", help="summarise run directories")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    p = runs_sub.add_parser("list", help="table of the runs under ROOT")
+    p.add_argument("root", nargs="?", default="runs")
+    p.add_argument("--json", action="store_true")
+    p = runs_sub.add_parser("show", help="one run: status, progress, losses, events, checkpoints")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> config_mod.Config:
+    preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
+    return config_mod.load_config(
+        preset=preset if not args.config else None, file=args.config, overrides=args.overrides
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.preset or args.config:
+            raise ConfigError(
+                "--resume continues with the run's saved config.yaml; give "
+                "changes with --set (e.g. --set train.steps=2000), not "
+                "--preset/--config"
+            )
+        run_dir = runstore.require_run_dir(args.resume)
+        base = config_mod.load_config(file=run_dir / runstore.CONFIG, overrides=args.overrides)
+        cfg, name = base, runstore.read_manifest(run_dir).get("name", run_dir.name)
+    else:
+        cfg = resolve_config(args)
+        name = args.name or (
+            Path(args.config).stem if args.config else (args.preset or DEFAULT_PRESET)
+        )
+    if args.no_progress:
+        cfg.log.progress = False
+    from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
+
+    train(cfg, run_root=args.run_root, name=name, resume=args.resume, argv=sys.argv[1:])
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(resolve_config(args).to_yaml(), end="")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name in config_mod.preset_names():
+        cfg = config_mod.load_config(preset=name)
+        m, t = cfg.model, cfg.train
+        print(
+            f"{name:12s} {m.n_layer} layers x {m.d_model} wide, {m.n_head} heads, "
+            f"seq {m.seq_len}; batch {t.global_batch_size}, {t.precision}, "
+            f"ZeRO-{t.zero_stage}, {t.steps} steps"
+        )
+    return 0
+
+
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def _fmt_num(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _fmt_tokens(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    runs = runstore.list_runs(args.root)
+    if args.json:
+        print(json.dumps([r.to_json() for r in runs], indent=2))
+        return 0
+    if not runs:
+        print(f"no runs under {args.root}")
+        return 0
+    header = (
+        f"{'RUN':44s} {'STATUS':11s} {'STEP':>7s} {'TOKENS':>8s} {'LOSS':>8s} "
+        f"{'BEST VAL':>9s} {'ROLLBK':>6s} {'STARTED':16s}"
+    )
+    print(header)
+    for r in runs:
+        best = min(r.best_val_loss.values()) if r.best_val_loss else None
+        print(
+            f"{r.id:44s} {r.status:11s} {_fmt_num(r.last_step, 'd'):>7s} "
+            f"{_fmt_tokens(r.tokens):>8s} {_fmt_num(r.train_loss):>8s} {_fmt_num(best):>9s} "
+            f"{r.events.get('rollback', 0):>6d} {_fmt_time(r.start):16s}"
+        )
+    return 0
+
+
+def show_run(run_dir: str | Path) -> dict[str, Any]:
+    from yoto.runstore import list_checkpoints
+
+    path = runstore.require_run_dir(run_dir)
+    manifest = runstore.read_manifest(path)
+    summary = runstore.summarize(path)
+    events = runstore.read_events(path)
+    ckpts = [
+        {"step": c.step, "complete": c.complete, "path": str(c.path)}
+        for c in list_checkpoints(path / runstore.CHECKPOINTS)
+    ]
+    return {
+        "manifest": manifest,
+        "summary": summary.to_json(),
+        "checkpoints": ckpts,
+        "events": events,
+    }
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    info = show_run(args.run_dir)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    m, s = info["manifest"], info["summary"]
+    duration = (m.get("end") or m.get("updated") or 0) - (m.get("start") or 0)
+    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
+    git = m.get("git") or {}
+    lines = [
+        f"run      {m.get('id')}  ({m.get('name')})",
+        f"path     {s['path']}",
+        f"status   {m.get('status')}  started {_fmt_time(m.get('start'))}, "
+        f"{duration / 60:.1f} min, {m.get('world_size', '?')} rank(s) on {m.get('device', '?')}"
+        f" at {m.get('host')}",
+        f"code     {versions}"
+        + (
+            f"; git {git.get('sha', '')[:10]}{' (dirty)' if git.get('dirty') else ''}"
+            if git
+            else ""
+        ),
+        f"model    {m.get('parameters', 0):,} parameters "
+        f"({m.get('non_embedding_parameters', 0):,} non-embedding)",
+        f"progress step {_fmt_num(s['last_step'], 'd')}, {_fmt_tokens(s['tokens'])} tokens, "
+        f"attempt {s['attempt']}, train loss {_fmt_num(s['train_loss'])}",
+    ]
+    for source, value in sorted(s["val_loss"].items()):
+        best = s["best_val_loss"].get(source)
+        lines.append(f"val      {source:12s} last {value:.4f}  best {_fmt_num(best)}")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(s["events"].items())) or "none"
+    lines.append(f"events   {counts}")
+    notable = [e for e in info["events"] if e.get("severity") != "info"][-10:]
+    for e in notable:
+        lines.append(
+            f"  step {e.get('step'):>6} [{e.get('severity')}] {e.get('kind')}: {e.get('message')}"
+        )
+    ckpts = info["checkpoints"]
+    lines.append(
+        "checkpoints "
+        + (
+            ", ".join(f"step-{c['step']}{'' if c['complete'] else ' (incomplete)'}" for c in ckpts)
+            or "none"
+        )
+    )
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "config": cmd_config,
+    "presets": cmd_presets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "runs":
+            return (cmd_runs_list if args.runs_command == "list" else cmd_runs_show)(args)
+        return COMMANDS[args.command](args)
+    except YotoError as exc:
+        print(f"yoto: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

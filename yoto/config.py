@@ -1,0 +1,338 @@
+"""Typed run configuration: presets shipped in the package, a YAML file, ``--set`` overrides.
+
+Resolution order: defaults < preset < config file < ``--set section.key=value``. Every
+section forbids unknown keys, so a typo fails before training with the field's path, the
+value given and what is allowed (with a "did you mean" when a field name is close).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from yoto.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """GPT shape. Variants (position, activation, norm) grow with the architectures issue."""
+
+    n_layer: int = Field(4, ge=1, description="transformer blocks")
+    n_head: int = Field(4, ge=1, description="attention heads per block")
+    d_model: int = Field(128, ge=8, description="residual stream width")
+    seq_len: int = Field(128, ge=8, description="context length in tokens")
+    vocab_size: int | None = Field(
+        None,
+        ge=1,
+        description="embedding rows; None = the tokenizer's vocabulary padded to a multiple "
+        "of 64 (set 50304 to match GPT-2's shape and FLOPs)",
+    )
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = Field(True, description="biases in linear layers and norms")
+    position: Literal["learned"] = "learned"
+    activation: Literal["gelu"] = "gelu"
+    norm: Literal["layernorm"] = "layernorm"
+    tie_embeddings: bool = True
+    init_std: float = Field(
+        0.02, gt=0, description="std of weights; residual outputs get init_std / sqrt(2 * n_layer)"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be a multiple of model.n_head={self.n_head}"
+            )
+        return self
+
+
+class DataConfig(Section):
+    paths: list[str] = Field(
+        default_factory=list,
+        description="text files or folders, .jsonl (a 'text' field, optional 'source'), "
+        ".parquet; 'name=path' names the source. Empty: the Python standard library's "
+        "own sources and docs",
+    )
+    text_field: str = "text"
+    source_field: str = "source"
+    val_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="held out per source")
+    max_bytes_per_source: int | None = Field(None, ge=1024)
+    extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".rst", ".py", ".jsonl", ".parquet"],
+        description="file types read when a path is a folder",
+    )
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR / peak LR")
+    warmup_steps: int = Field(20, ge=0)
+    decay_steps: int | None = Field(
+        None, ge=1, description="steps over which the LR decays; None = train.steps"
+    )
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 = off")
+
+
+class BatchWarmupConfig(Section):
+    """Linear ramp of the global batch from ``start`` to train.global_batch_size over
+    ``tokens`` training tokens (GPT-3 / BigScience style), via engine.set_train_batch_size."""
+
+    start: int | None = Field(None, ge=1, description="sequences; None = no warmup")
+    tokens: int = Field(0, ge=0)
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-batch")
+    global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_warmup: BatchWarmupConfig = Field(default_factory=BatchWarmupConfig)
+
+    @model_validator(mode="after")
+    def _batches(self) -> TrainConfig:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        start = self.batch_warmup.start
+        if start is not None and start > self.global_batch_size:
+            raise ValueError(
+                f"train.batch_warmup.start={start} must not exceed "
+                f"train.global_batch_size={self.global_batch_size}"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    every: int = Field(50, ge=0, description="steps between validations; 0 = only at the end")
+    batches: int = Field(4, ge=1, description="micro-batches per source and rank")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_last: int = Field(3, ge=1, description="complete checkpoints kept")
+
+
+class LogConfig(Section):
+    progress: bool = Field(True, description="progress bar on rank 0")
+    flush_every_steps: int = Field(50, ge=1, description="metric rows per Parquet segment")
+    flush_every_seconds: float = Field(30.0, gt=0, description="or sooner, by wall clock")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="merged last into the generated DeepSpeed config (expert escape hatch)",
+    )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _presets_dir():
+    return resources.files("yoto").joinpath("presets")
+
+
+def preset_names() -> list[str]:
+    files = _presets_dir().iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        hint = _did_you_mean(name, names)
+        raise ConfigError(f"unknown preset {name!r}{hint}; presets: {', '.join(names)}")
+    text = _presets_dir().joinpath(f"{name}.yaml").read_text()
+    return _yaml_mapping(text, f"preset {name!r}")
+
+
+def load_config(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve defaults < base < preset < file < overrides into a validated Config."""
+    raw: dict[str, Any] = dict(base or {})
+    if preset is not None:
+        raw = deep_merge(raw, load_preset(preset))
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = deep_merge(raw, _yaml_mapping(path.read_text(), f"config file {str(path)!r}"))
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` (value parsed as YAML) to the raw config dict."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(
+            f"--set {item!r}: expected section.key=value, e.g. train.steps=100 or "
+            f"data.paths=[corpus/,more.jsonl]"
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _yaml_mapping(text: str, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+# --- error messages -----------------------------------------------------------------------
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            lines.append("  " + _unknown_field(loc))
+            continue
+        if err["type"] == "value_error":
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            continue
+        got = err.get("input")
+        allowed = _allowed(loc)
+        line = f"  {path}: {err['msg']} (got {got!r})"
+        if allowed and allowed not in err["msg"]:
+            line += f"; allowed: {allowed}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _unknown_field(loc: list[str]) -> str:
+    parent, name = loc[:-1], loc[-1]
+    model = _model_at(parent)
+    where = ".".join(parent) or "the top level"
+    if model is None:
+        return f"unknown field {'.'.join(loc)!r}"
+    fields = list(model.model_fields)
+    hint = _did_you_mean(name, fields)
+    return f"unknown field {'.'.join(loc)!r}{hint}; fields of {where}: {', '.join(fields)}"
+
+
+def _allowed(loc: list[str]) -> str:
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model else None
+    if field is None:
+        return ""
+    parts = []
+    for meta in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                parts.append(f"{sign} {getattr(meta, attr)}")
+    return " and ".join(parts)
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(
+    r"(^|_)(token|secret|password|passwd|api_?key|webhook|webhook_url|credentials?)($|_)", re.I
+)
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Copy of a config tree with secrets replaced: values under secret-looking keys, and
+    user:password@ parts of URLs. Saved configs and logs only ever see the redacted copy."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if _SECRET_KEY.search(key) and value not in (None, "", [], {}):
+        return REDACTED
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", value)
+    return value

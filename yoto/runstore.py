@@ -1,0 +1,480 @@
+"""The run directory: the durable, post-mortem record of one run.
+
+::
+
+    runs/<run-id>/
+      manifest.json        id, name, status, start/end, versions, host, git sha, summary
+      config.yaml          resolved config, secrets redacted
+      metrics/*.parquet    wide, one row per (attempt, step); columns are series keys
+      events.jsonl         one JSON object a line, appended and fsync'd
+      checkpoints/step-N/  DeepSpeed checkpoint + COMPLETE marker (yoto.trainer.checkpoint)
+
+Every file a reader may open is complete: Parquet segments and the manifest are written to
+a temporary name, fsync'd and renamed; events are whole lines, fsync'd one by one. Only
+rank 0 writes. Readers (the CLI, the Streamlit explorer, DuckDB) need nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from yoto import __version__, catalog
+from yoto.errors import RunDirError
+from yoto.events import Event
+
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+EVENTS = "events.jsonl"
+METRICS = "metrics"
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"  # written last into a checkpoint folder (yoto.trainer.checkpoint)
+_TAG = re.compile(r"^step-(\d+)$")
+
+STATUSES = ("running", "finished", "halted", "crashed", "interrupted")
+_ROW_KEYS = ("attempt", "step", "time")
+
+
+# --- small durable-write helpers ----------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
+    with contextlib.suppress(OSError):  # some filesystems refuse to open directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a reader sees either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# --- writer -------------------------------------------------------------------------------
+
+
+def new_run_id(name: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+    return f"{stamp}-{slug}-{secrets.token_hex(2)}"
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and host recorded in the manifest (imports nothing heavy it did not have)."""
+    versions = {"yoto": __version__, "python": platform.python_version()}
+    for module in ("torch", "deepspeed", "pyarrow", "pydantic"):
+        mod = sys.modules.get(module)
+        versions[module] = getattr(mod, "__version__", None) if mod else None
+    return {"versions": versions, "host": socket.gethostname(), "git": _git_info()}
+
+
+def _git_info() -> dict[str, Any] | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunStore:
+    """Writes one run directory. Implements :class:`yoto.events.Sink`."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        flush_every_steps: int = 50,
+        flush_every_seconds: float = 30.0,
+    ) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.flush_every_steps = flush_every_steps
+        self.flush_every_seconds = flush_every_seconds
+        self._rows: list[dict[str, float]] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+        (self.path / METRICS).mkdir(parents=True, exist_ok=True)
+        (self.path / CHECKPOINTS).mkdir(exist_ok=True)
+        self._events = open(self.path / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        name: str,
+        config_yaml: str,
+        extra: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> RunStore:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        run_id = new_run_id(name)
+        path = root / run_id
+        path.mkdir()
+        now = time.time()
+        manifest = {
+            "id": run_id,
+            "name": name,
+            "status": "running",
+            "start": now,
+            "end": None,
+            "updated": now,
+            **environment_info(),
+            **dict(extra or {}),
+            "summary": {},
+        }
+        atomic_write_bytes(path / CONFIG, config_yaml.encode())
+        atomic_write_json(path / MANIFEST, manifest)
+        fsync_dir(root)
+        return cls(path, manifest, **kwargs)
+
+    @classmethod
+    def reopen(
+        cls, path: str | Path, extra: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> RunStore:
+        """Continue writing an existing run (resume): status back to running."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        manifest.update(environment_info())
+        manifest.update(dict(extra or {}))
+        manifest["status"] = "running"
+        manifest["end"] = None
+        manifest["resumes"] = int(manifest.get("resumes", 0)) + 1
+        store = cls(path, manifest, **kwargs)
+        store._write_manifest()
+        return store
+
+    # Sink protocol
+
+    def write_step(self, attempt: int, step: int, values: Mapping[str, float]) -> None:
+        row = {"attempt": attempt, "step": step, "time": time.time()}
+        row.update(values)
+        self._rows.append(row)
+        due = time.monotonic() - self._last_flush >= self.flush_every_seconds
+        if len(self._rows) >= self.flush_every_steps or due:
+            self.flush()
+
+    def write_event(self, event: Event) -> None:
+        line = json.dumps(event.to_json(), default=_json_default, allow_nan=True)
+        with self._lock:
+            self._events.write(line + "\n")
+            self._events.flush()
+            os.fsync(self._events.fileno())
+
+    def flush(self) -> None:
+        """Write the buffered rows as one Parquet segment (atomically) and the manifest."""
+        rows, self._rows = self._rows, []
+        self._last_flush = time.monotonic()
+        if rows:
+            self._write_segment(rows)
+            self._summarise(rows)
+        self._write_manifest()
+
+    def close(self, status: str) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        self.flush()
+        self.manifest["status"] = status
+        self.manifest["end"] = time.time()
+        self._write_manifest()
+        with self._lock:
+            self._events.close()
+
+    def update_manifest(self, **fields: Any) -> None:
+        self.manifest.update(fields)
+        self._write_manifest()
+
+    # internals
+
+    def _write_segment(self, rows: list[dict[str, float]]) -> None:
+        keys = list(_ROW_KEYS)
+        for row in rows:
+            keys.extend(k for k in row if k not in keys)
+        columns = {
+            "attempt": pa.array([r["attempt"] for r in rows], pa.int32()),
+            "step": pa.array([r["step"] for r in rows], pa.int64()),
+            "time": pa.array([r["time"] for r in rows], pa.float64()),
+        }
+        for key in keys[len(_ROW_KEYS) :]:
+            columns[key] = pa.array([_float_or_none(r.get(key)) for r in rows], pa.float64())
+        table = pa.table(columns)
+        attempt = rows[0]["attempt"]
+        name = f"part-a{attempt:04d}-s{rows[0]['step']:010d}-{rows[-1]['step']:010d}"
+        target = self.path / METRICS / f"{name}.parquet"
+        n = 1
+        while target.exists():  # never overwrite a segment: the record is append-only
+            target = self.path / METRICS / f"{name}-{n}.parquet"
+            n += 1
+        tmp = target.with_name(target.name + ".tmp")
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+
+    def _summarise(self, rows: list[dict[str, float]]) -> None:
+        summary = self.manifest.setdefault("summary", {})
+        last = rows[-1]
+        summary["attempt"] = last["attempt"]
+        summary["last_step"] = last["step"]
+        for metric in (catalog.TRAIN_LOSS, catalog.TOKENS, catalog.STEPS):
+            for row in reversed(rows):
+                if row.get(metric.name) is not None:
+                    summary[metric.name] = _float_or_none(row[metric.name])
+                    break
+        val_last = summary.setdefault("val_loss", {})
+        val_best = summary.setdefault("best_val_loss", {})
+        for row in rows:
+            for key, value in row.items():
+                name, labels = _split_key(key)
+                if name != catalog.VAL_LOSS.name or value is None or not math.isfinite(value):
+                    continue
+                source = labels.get("source", "")
+                val_last[source] = value
+                if source not in val_best or value < val_best[source]:
+                    val_best[source] = value
+
+    def _write_manifest(self) -> None:
+        self.manifest["updated"] = time.time()
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+
+def _split_key(key: str) -> tuple[str, dict[str, str]]:
+    if key in _ROW_KEYS:
+        return key, {}
+    try:
+        return catalog.parse_series_key(key)
+    except ValueError:
+        return key, {}
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    return str(obj)
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step}"
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointDir:
+    step: int
+    path: Path
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE).is_file()
+
+
+def list_checkpoints(root: Path) -> list[CheckpointDir]:
+    """Every step-N folder under ``root``, oldest first (complete or not)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _TAG.match(child.name)
+        if match and child.is_dir():
+            found.append(CheckpointDir(int(match.group(1)), child))
+    return sorted(found)
+
+
+# --- readers ------------------------------------------------------------------------------
+
+
+def require_run_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"run directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise RunDirError(f"{str(path)!r} is a file, not a run directory")
+    if not (path / MANIFEST).is_file():
+        raise RunDirError(
+            f"{str(path)!r} is not a run directory (no {MANIFEST}); "
+            f"a run directory is created by 'yoto train' under --run-root"
+        )
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = require_run_dir(path)
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{str(path / MANIFEST)!r} is damaged: {exc}") from None
+
+
+def segment_files(path: str | Path) -> list[Path]:
+    """Complete metric segments, in (attempt, first step) order."""
+    folder = Path(path) / METRICS
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def read_metrics(path: str | Path) -> pa.Table:
+    """All metric rows of a run, every attempt, sorted by (attempt, step)."""
+    path = require_run_dir(path)
+    tables = []
+    for file in segment_files(path):
+        try:
+            tables.append(pq.read_table(file))
+        except (OSError, pa.ArrowInvalid) as exc:  # a damaged disk; the rest is still useful
+            print(f"warning: skipping unreadable segment {file}: {exc}", file=sys.stderr)
+    if not tables:
+        return pa.table(
+            {
+                "attempt": pa.array([], pa.int32()),
+                "step": pa.array([], pa.int64()),
+                "time": pa.array([], pa.float64()),
+            }
+        )
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("attempt", "ascending"), ("step", "ascending")])
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """Events in order. A last line cut by a crash mid-write is ignored."""
+    path = require_run_dir(path)
+    file = path / EVENTS
+    if not file.exists():
+        return []
+    events = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    id: str
+    name: str
+    status: str
+    start: float | None
+    end: float | None
+    last_step: int | None
+    tokens: float | None
+    train_loss: float | None
+    val_loss: dict[str, float] = field(default_factory=dict)
+    best_val_loss: dict[str, float] = field(default_factory=dict)
+    attempt: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["path"] = str(self.path)
+        return out
+
+
+def summarize(path: str | Path) -> RunSummary:
+    path = require_run_dir(path)
+    manifest = read_manifest(path)
+    summary = manifest.get("summary", {})
+    counts: dict[str, int] = {}
+    for event in read_events(path):
+        counts[event.get("kind", "?")] = counts.get(event.get("kind", "?"), 0) + 1
+    last_step = summary.get("last_step")
+    return RunSummary(
+        path=path,
+        id=manifest.get("id", path.name),
+        name=manifest.get("name", ""),
+        status=manifest.get("status", "unknown"),
+        start=manifest.get("start"),
+        end=manifest.get("end"),
+        last_step=int(last_step) if last_step is not None else None,
+        tokens=summary.get(catalog.TOKENS.name),
+        train_loss=summary.get(catalog.TRAIN_LOSS.name),
+        val_loss=dict(summary.get("val_loss", {})),
+        best_val_loss=dict(summary.get("best_val_loss", {})),
+        attempt=int(summary.get("attempt", 0)),
+        events=counts,
+    )
+
+
+def list_runs(root: str | Path) -> list[RunSummary]:
+    """Runs directly under ``root`` (or ``root`` itself if it is a run), newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RunDirError(f"runs root {str(root)!r} does not exist or is not a folder")
+    if (root / MANIFEST).is_file():
+        return [summarize(root)]
+    runs = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and (child / MANIFEST).is_file():
+            try:
+                runs.append(summarize(child))
+            except RunDirError as exc:
+                print(f"warning: {exc}", file=sys.stderr)
+    runs.sort(key=lambda r: r.start or 0, reverse=True)
+    return runs
+
+
+_SEGMENT = re.compile(r"^part-a(\d+)-s(\d+)-(\d+)(?:-\d+)?\.parquet$")
+
+
+def last_recorded(path: str | Path) -> tuple[int, int] | None:
+    """(attempt, step) of the newest metric row on disk, from segment names alone."""
+    newest = None
+    for file in segment_files(path):
+        match = _SEGMENT.match(file.name)
+        if match:
+            key = (int(match.group(1)), int(match.group(3)))
+            newest = key if newest is None or key > newest else newest
+    return newest
