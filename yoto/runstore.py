@@ -207,8 +207,12 @@ class RunStore:
         """Write the buffered rows as one Parquet segment (atomically) and the manifest."""
         rows, self._rows = self._rows, []
         self._last_flush = time.monotonic()
+        start = 0
+        for i in range(1, len(rows) + 1):  # one segment per attempt: names say what they hold
+            if i == len(rows) or rows[i]["attempt"] != rows[start]["attempt"]:
+                self._write_segment(rows[start:i])
+                start = i
         if rows:
-            self._write_segment(rows)
             self._summarise(rows)
         self._write_manifest()
 

@@ -1,0 +1,26 @@
+"""Shared fixtures. The expensive one, ``trained_run``, trains the tiny preset exactly as
+the demo does, once per session; many tests read its run directory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import train_in_process
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's job: the tiny preset, its own steps, default corpus, one rank."""
+    root = tmp_path_factory.mktemp("fixture-runs")
+    return train_in_process(root, "--preset", "tiny", name="fixture")
+
+
+@pytest.fixture
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the fixture run that a test may damage or extend."""
+    target = tmp_path / "runs" / trained_run.name
+    shutil.copytree(trained_run, target)
+    return target

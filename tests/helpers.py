@@ -1,0 +1,53 @@
+"""Helpers shared by the tests (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# small, fast runs for loop mechanics (the fixture run uses the preset itself)
+FAST = [
+    "data.max_bytes_per_source=2000000",
+    "train.batch_warmup.start=null",
+    "eval.every=0",
+    "eval.batches=1",
+    "checkpoint.every=0",
+    "log.progress=false",
+]
+
+
+def yoto_bin() -> str:
+    return str(VENV_BIN / "yoto")
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a child ``yoto``/``torchrun``: without the process-group
+    variables this test process set for its own in-process runs."""
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"):
+        env.pop(key, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def only_run(root: Path) -> Path:
+    runs = [p for p in Path(root).iterdir() if (p / "manifest.json").is_file()]
+    assert len(runs) == 1, f"expected one run under {root}, found {runs}"
+    return runs[0]
+
+
+def train_in_process(root: Path, *args: str, name: str = "t") -> Path:
+    from yoto.cli import main
+
+    before = set(Path(root).iterdir()) if Path(root).exists() else set()
+    rc = main(["train", "--run-root", str(root), "--name", name, "--no-progress", *args])
+    assert rc == 0
+    new = [p for p in Path(root).iterdir() if p not in before]
+    return new[0] if new else Path(args[args.index("--resume") + 1])
+
+

@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from yoto.config import DataConfig
+from yoto.errors import DataError
+from yoto.trainer import tokenizer
+from yoto.trainer.corpus import Document, _split, load_corpus
+
+
+def test_tokenizer_round_trip() -> None:
+    text = "héllo, wörld ✓\n"
+    ids = tokenizer.encode(text)
+    assert ids.dtype == np.uint16 and ids.max() < 256
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode([104, 105, tokenizer.EOS, 300]) == "hi\n"
+    assert tokenizer.padded_vocab_size() == 320
+
+
+def test_default_corpus_is_the_standard_library() -> None:
+    corpus = load_corpus(DataConfig(max_bytes_per_source=3_000_000), min_tokens=129)
+    assert set(corpus.sources) == {"code", "prose"}
+    for split in corpus.sources.values():
+        assert len(split.train) > 100_000 and len(split.val) >= 129
+        assert split.val_docs >= 1
+    code = corpus.sources["code"]
+    assert b"def " in tokenizer.decode(code.train[:200_000]).encode()
+
+
+def test_validation_documents_are_held_out() -> None:
+    docs = [Document("s", f"doc{i}", f"document number {i} ".encode() * 20) for i in range(50)]
+    split = _split("s", docs, val_fraction=0.1, min_tokens=9)
+    assert split.val_docs >= 1 and split.train_docs + split.val_docs == 50
+    train_text = tokenizer.decode(split.train)
+    val_text = tokenizer.decode(split.val)
+    val_numbers = {w for w in val_text.split() if w.isdigit()}
+    assert val_numbers and not any(f"number {n} " in train_text for n in val_numbers)
+    # which documents are held out depends on their ids, not on the order they were read
+    again = _split("s", list(reversed(docs)), val_fraction=0.1, min_tokens=9)
+    assert np.array_equal(again.val, split.val)
+
+
+def test_single_document_source_splits_its_tail() -> None:
+    split = _split("one", [Document("one", "x", b"a" * 1000)], 0.1, min_tokens=17)
+    assert len(split.train) + len(split.val) == 1001 and len(split.val) >= 17
+
+
+def test_user_folder_file_jsonl_and_parquet(tmp_path: Path) -> None:
+    folder = tmp_path / "essays"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha " * 400)
+    (folder / "b.md").write_text("beta " * 400)
+    (folder / "skip.bin").write_bytes(b"\0" * 10)
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"{lang} text " * 300, "source": lang})
+                               for lang in ("en", "fr", "en", "fr")) + "\n")
+    pq.write_table(pa.table({"text": ["parquet row " * 300] * 3}), tmp_path / "rows.parquet")
+    cfg = DataConfig(paths=[str(folder), str(jsonl), f"named={tmp_path / 'rows.parquet'}"])
+    corpus = load_corpus(cfg, min_tokens=65)
+    assert set(corpus.sources) == {"essays", "en", "fr", "named"}
+    assert corpus.sources["essays"].train_docs + corpus.sources["essays"].val_docs == 2
+
+
+def test_glob(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text("glob text " * 200)
+    corpus = load_corpus(DataConfig(paths=[f"g={tmp_path}/part*.txt"]), min_tokens=65)
+    assert list(corpus.sources) == ["g"]
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda p: str(p / "missing"), "does not exist"),
+    (lambda p: str(p / "none*.txt"), "matches no files"),
+    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no files of the types"),
+    (lambda p: (p / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n') and
+     str(p / "x.jsonl"), r"x.jsonl:2: expected a JSON object with a 'text' field"),
+    (lambda p: (p / "y.jsonl").write_text('{"text": 3}\n') and str(p / "y.jsonl"),
+     "must be a string"),
+    (lambda p: (p / "z.jsonl").write_text("not json\n") and str(p / "z.jsonl"),
+     "z.jsonl:1: not a JSON object"),
+    (lambda p: pq.write_table(pa.table({"body": ["x"]}), p / "t.parquet") or str(p / "t.parquet"),
+     "has no 'text' column.*its columns: body"),
+    (lambda p: (p / "fake.parquet").write_text("nope") and str(p / "fake.parquet"),
+     "not a readable Parquet file"),
+    (lambda p: (p / "small.txt").write_text("tiny") and str(p / "small.txt"),
+     "data source 'small' has 5 tokens; it needs at least"),
+])
+def test_bad_data_is_a_clear_error(tmp_path: Path, setup, message: str) -> None:
+    path = setup(tmp_path)
+    with pytest.raises(DataError, match=message):
+        load_corpus(DataConfig(paths=[path]), min_tokens=129)

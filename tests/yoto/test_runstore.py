@@ -1,0 +1,130 @@
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from yoto import catalog, runstore
+from yoto.errors import RunDirError
+from yoto.events import Event, EventKind, Severity
+from yoto.runstore import RunStore
+
+LOSS, VAL = catalog.TRAIN_LOSS.name, catalog.VAL_LOSS
+
+
+def make(tmp_path: Path, **kw) -> RunStore:
+    return RunStore.create(tmp_path, "My Run!", "train:\n  steps: 3\n", extra={"world_size": 1},
+                           **kw)
+
+
+def test_create_writes_manifest_and_config(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    m = json.loads((store.path / "manifest.json").read_text())
+    assert m["status"] == "running" and m["name"] == "My Run!" and m["world_size"] == 1
+    assert store.path.name.endswith(m["id"][-4:]) and "-my-run-" in m["id"]
+    assert {"versions", "host", "start", "git"} <= set(m)
+    assert (store.path / "config.yaml").read_text() == "train:\n  steps: 3\n"
+    assert (store.path / "metrics").is_dir() and (store.path / "checkpoints").is_dir()
+
+
+def test_rows_become_atomic_segments(tmp_path: Path) -> None:
+    store = make(tmp_path, flush_every_steps=2, flush_every_seconds=1e9)
+    store.write_step(0, 1, {LOSS: 5.0})
+    assert runstore.segment_files(store.path) == []  # buffered
+    store.write_step(0, 2, {LOSS: 4.0, VAL.key(source="code"): 4.5})
+    store.write_step(0, 3, {LOSS: float("nan")})
+    store.close("finished")
+    files = runstore.segment_files(store.path)
+    assert [f.name for f in files] == ["part-a0000-s0000000001-0000000002.parquet",
+                                       "part-a0000-s0000000003-0000000003.parquet"]
+    assert not list((store.path / "metrics").glob("*.tmp"))
+    table = runstore.read_metrics(store.path).to_pydict()
+    assert table["step"] == [1, 2, 3]
+    assert table[LOSS][:2] == [5.0, 4.0] and math.isnan(table[LOSS][2])
+    # a column that appears in a later segment is null where it was not written
+    assert table['yoto_val_loss{source="code"}'] == [None, 4.5, None]
+    assert pq.read_schema(files[0]).field(LOSS).type == "double"
+
+
+def test_segments_never_overwrite(tmp_path: Path) -> None:
+    store = make(tmp_path, flush_every_steps=1)
+    store.write_step(0, 1, {LOSS: 1.0})
+    store._write_segment([{"attempt": 0, "step": 1, "time": 0.0, LOSS: 2.0}])
+    assert len(runstore.segment_files(store.path)) == 2
+
+
+def test_summary_in_manifest(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    store.write_step(0, 1, {LOSS: 3.0, catalog.TOKENS.name: 100, VAL.key(source="a"): 2.0})
+    store.write_step(1, 2, {LOSS: 2.5, catalog.TOKENS.name: 200, VAL.key(source="a"): 2.2})
+    store.close("halted")
+    s = runstore.summarize(store.path)
+    assert (s.status, s.last_step, s.tokens, s.train_loss, s.attempt) == ("halted", 2, 200, 2.5, 1)
+    assert s.val_loss == {"a": 2.2} and s.best_val_loss == {"a": 2.0}
+    assert runstore.last_recorded(store.path) == (1, 2)
+
+
+def test_events_are_lines_and_a_torn_line_is_ignored(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    store.write_event(Event(3, 0, EventKind.CHECKPOINT, Severity.INFO, "saved", {"p": Path("x")}))
+    store.write_event(Event(4, 1, EventKind.ROLLBACK, Severity.WARNING, "back", {"to": 1}))
+    store.close("finished")
+    with open(store.path / "events.jsonl", "a") as f:
+        f.write('{"time": 1, "step": 5, "ki')  # a crash mid-write
+    events = runstore.read_events(store.path)
+    assert [(e["step"], e["kind"], e["severity"]) for e in events] == [
+        (3, "checkpoint", "info"), (4, "rollback", "warning")]
+    assert events[0]["data"] == {"p": "x"}
+    assert set(events[0]) == {"time", "step", "attempt", "kind", "severity", "message", "data"}
+
+
+def test_close_rejects_unknown_status(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="status 'done'"):
+        make(tmp_path).close("done")
+
+
+def test_reopen_marks_running_again(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    store.close("interrupted")
+    again = RunStore.reopen(store.path)
+    m = runstore.read_manifest(store.path)
+    assert m["status"] == "running" and m["end"] is None and m["resumes"] == 1
+    again.close("finished")
+    assert runstore.read_manifest(store.path)["status"] == "finished"
+
+
+def test_list_runs_newest_first(tmp_path: Path) -> None:
+    a = make(tmp_path)
+    a.close("finished")
+    b = make(tmp_path)
+    b.manifest["start"] += 10
+    b.close("crashed")
+    (tmp_path / "not-a-run").mkdir()
+    runs = runstore.list_runs(tmp_path)
+    assert [r.status for r in runs] == ["crashed", "finished"]
+    assert runstore.list_runs(a.path)[0].path == a.path
+
+
+def test_bad_run_dirs_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="does not exist"):
+        runstore.read_manifest(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        runstore.read_manifest(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match="not a run directory"):
+        runstore.read_metrics(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    with pytest.raises(RunDirError, match="damaged"):
+        runstore.summarize(tmp_path / "broken")
+    with pytest.raises(RunDirError, match="does not exist"):
+        runstore.list_runs(tmp_path / "nothing")
+
+
+def test_empty_run_reads_as_empty(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    table = runstore.read_metrics(store.path)
+    assert table.num_rows == 0 and table.column_names == ["attempt", "step", "time"]
+    assert runstore.read_events(store.path) == []
