@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/yoto train --preset tiny --run-root runs --name demo
+	$(BIN)/yoto runs list runs
 
 test: install
 	$(BIN)/ruff check .

@@ -28,8 +28,16 @@ def subprocess_env() -> dict[str, str]:
     """The environment for a child ``yoto``/``torchrun``: without the process-group
     variables this test process set for its own in-process runs."""
     env = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"):
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "GROUP_RANK",
+        "ROLE_RANK",
+    ):
         env.pop(key, None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -49,5 +57,3 @@ def train_in_process(root: Path, *args: str, name: str = "t") -> Path:
     assert rc == 0
     new = [p for p in Path(root).iterdir() if p not in before]
     return new[0] if new else Path(args[args.index("--resume") + 1])
-
-

@@ -5,11 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from yoto.trainer import tokenizer
+from yoto.trainer.corpus import Document, _split, load_corpus
 
 from yoto.config import DataConfig
 from yoto.errors import DataError
-from yoto.trainer import tokenizer
-from yoto.trainer.corpus import Document, _split, load_corpus
 
 
 def test_tokenizer_round_trip() -> None:
@@ -56,8 +56,13 @@ def test_user_folder_file_jsonl_and_parquet(tmp_path: Path) -> None:
     (folder / "b.md").write_text("beta " * 400)
     (folder / "skip.bin").write_bytes(b"\0" * 10)
     jsonl = tmp_path / "mixed.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": f"{lang} text " * 300, "source": lang})
-                               for lang in ("en", "fr", "en", "fr")) + "\n")
+    jsonl.write_text(
+        "\n".join(
+            json.dumps({"text": f"{lang} text " * 300, "source": lang})
+            for lang in ("en", "fr", "en", "fr")
+        )
+        + "\n"
+    )
     pq.write_table(pa.table({"text": ["parquet row " * 300] * 3}), tmp_path / "rows.parquet")
     cfg = DataConfig(paths=[str(folder), str(jsonl), f"named={tmp_path / 'rows.parquet'}"])
     corpus = load_corpus(cfg, min_tokens=65)
@@ -72,23 +77,43 @@ def test_glob(tmp_path: Path) -> None:
     assert list(corpus.sources) == ["g"]
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    (lambda p: str(p / "missing"), "does not exist"),
-    (lambda p: str(p / "none*.txt"), "matches no files"),
-    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no files of the types"),
-    (lambda p: (p / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n') and
-     str(p / "x.jsonl"), r"x.jsonl:2: expected a JSON object with a 'text' field"),
-    (lambda p: (p / "y.jsonl").write_text('{"text": 3}\n') and str(p / "y.jsonl"),
-     "must be a string"),
-    (lambda p: (p / "z.jsonl").write_text("not json\n") and str(p / "z.jsonl"),
-     "z.jsonl:1: not a JSON object"),
-    (lambda p: pq.write_table(pa.table({"body": ["x"]}), p / "t.parquet") or str(p / "t.parquet"),
-     "has no 'text' column.*its columns: body"),
-    (lambda p: (p / "fake.parquet").write_text("nope") and str(p / "fake.parquet"),
-     "not a readable Parquet file"),
-    (lambda p: (p / "small.txt").write_text("tiny") and str(p / "small.txt"),
-     "data source 'small' has 5 tokens; it needs at least"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: str(p / "missing"), "does not exist"),
+        (lambda p: str(p / "none*.txt"), "matches no files"),
+        (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no files of the types"),
+        (
+            lambda p: (
+                (p / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+                and str(p / "x.jsonl")
+            ),
+            r"x.jsonl:2: expected a JSON object with a 'text' field",
+        ),
+        (
+            lambda p: (p / "y.jsonl").write_text('{"text": 3}\n') and str(p / "y.jsonl"),
+            "must be a string",
+        ),
+        (
+            lambda p: (p / "z.jsonl").write_text("not json\n") and str(p / "z.jsonl"),
+            "z.jsonl:1: not a JSON object",
+        ),
+        (
+            lambda p: (
+                pq.write_table(pa.table({"body": ["x"]}), p / "t.parquet") or str(p / "t.parquet")
+            ),
+            "has no 'text' column.*its columns: body",
+        ),
+        (
+            lambda p: (p / "fake.parquet").write_text("nope") and str(p / "fake.parquet"),
+            "not a readable Parquet file",
+        ),
+        (
+            lambda p: (p / "small.txt").write_text("tiny") and str(p / "small.txt"),
+            "data source 'small' has 5 tokens; it needs at least",
+        ),
+    ],
+)
 def test_bad_data_is_a_clear_error(tmp_path: Path, setup, message: str) -> None:
     path = setup(tmp_path)
     with pytest.raises(DataError, match=message):

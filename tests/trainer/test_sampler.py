@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-
-from yoto.errors import DataError
 from yoto.trainer.corpus import Corpus, SourceSplit
 from yoto.trainer.sampler import Sampler, validation_batches
+
+from yoto.errors import DataError
 
 
 def corpus(sizes=(1000, 300), seq_len=8) -> Corpus:
@@ -61,8 +61,9 @@ def test_split_over_ranks_and_micro_batches_covers_the_global_batch() -> None:
     whole = torch.cat([s.micro_batch(windows, m, 0, 1, 24) for m in range(1)])
     for world, micro in ((2, 4), (3, 2), (1, 8)):
         n_micro = 24 // (world * micro)
-        parts = [s.micro_batch(windows, m, r, world, micro)
-                 for m in range(n_micro) for r in range(world)]
+        parts = [
+            s.micro_batch(windows, m, r, world, micro) for m in range(n_micro) for r in range(world)
+        ]
         assert torch.equal(torch.cat(parts), whole)
     assert whole.shape == (24, 9)
     # inputs and targets are shifted views of contiguous text

@@ -1,9 +1,10 @@
+import itertools
 import math
 
 import pytest
+from yoto.trainer.schedule import BatchRamp, learning_rate
 
 from yoto.config import OptimConfig
-from yoto.trainer.schedule import BatchRamp, learning_rate
 
 
 def test_warmup_then_cosine_to_floor() -> None:
@@ -13,7 +14,7 @@ def test_warmup_then_cosine_to_floor() -> None:
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_decay_steps_override_and_other_shapes() -> None:
@@ -28,7 +29,7 @@ def test_batch_ramp_is_linear_in_tokens_and_granular() -> None:
     sizes = [ramp.size_at(t) for t in range(0, 1200, 10)]
     assert sizes[0] == 8 and ramp.size_at(1000) == 64 and ramp.size_at(10**9) == 64
     assert all(s % 8 == 0 and 8 <= s <= 64 for s in sizes)
-    assert all(a <= b for a, b in zip(sizes, sizes[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(sizes))
     assert ramp.size_at(500) == 32  # halfway in tokens, halfway in batch
 
 

@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from yoto import catalog
 from tests.helpers import ROOT
+from yoto import catalog
 
 
 def test_catalog_follows_prometheus_conventions() -> None:
@@ -11,9 +11,17 @@ def test_catalog_follows_prometheus_conventions() -> None:
 
 
 def test_issue_metrics_present() -> None:
-    for metric in (catalog.TRAIN_LOSS, catalog.GRAD_NORM, catalog.LEARNING_RATE, catalog.STEPS,
-                   catalog.TOKENS, catalog.BATCH_SIZE_TOKENS, catalog.STEP_DURATION,
-                   catalog.THROUGHPUT, catalog.VAL_LOSS):
+    for metric in (
+        catalog.TRAIN_LOSS,
+        catalog.GRAD_NORM,
+        catalog.LEARNING_RATE,
+        catalog.STEPS,
+        catalog.TOKENS,
+        catalog.BATCH_SIZE_TOKENS,
+        catalog.STEP_DURATION,
+        catalog.THROUGHPUT,
+        catalog.VAL_LOSS,
+    ):
         assert catalog.CATALOG[metric.name] is metric
     assert catalog.VAL_LOSS.labels == ("source",)
 

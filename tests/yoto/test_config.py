@@ -25,10 +25,16 @@ def test_gpt2_preset_has_gpt2_shape() -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = load_config(preset="tiny", overrides=[
-        "train.steps=7", "optim.lr=3e-4", "data.paths=[a.txt, b=c.jsonl]",
-        "train.batch_warmup.start=null", "deepspeed.zero_optimization.overlap_comm=true",
-    ])
+    cfg = load_config(
+        preset="tiny",
+        overrides=[
+            "train.steps=7",
+            "optim.lr=3e-4",
+            "data.paths=[a.txt, b=c.jsonl]",
+            "train.batch_warmup.start=null",
+            "deepspeed.zero_optimization.overlap_comm=true",
+        ],
+    )
     assert cfg.train.steps == 7
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.data.paths == ["a.txt", "b=c.jsonl"]
@@ -61,7 +67,8 @@ def test_bad_choice_names_field_value_and_allowed() -> None:
 def test_out_of_range_names_the_bound() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(overrides=["train.steps=0"])
-    assert "train.steps" in str(err.value) and ">= 1" in str(err.value) and "got 0" in str(err.value)
+    msg = str(err.value)
+    assert "train.steps" in msg and ">= 1" in msg and "got 0" in msg
 
 
 def test_wrong_type() -> None:
@@ -111,8 +118,11 @@ def test_saved_yaml_round_trips(tmp_path: Path) -> None:
 
 def test_redaction() -> None:
     tree = {
-        "notify": {"slack_webhook": "https://hooks.slack.com/x/y", "token": "abc", "urls": [
-            "https://user:pass@example.com/hook"]},
+        "notify": {
+            "slack_webhook": "https://hooks.slack.com/x/y",
+            "token": "abc",
+            "urls": ["https://user:pass@example.com/hook"],
+        },
         "train": {"batch_warmup": {"tokens": 4096}},
         "api_key": "",
     }

@@ -14,8 +14,9 @@ LOSS, VAL = catalog.TRAIN_LOSS.name, catalog.VAL_LOSS
 
 
 def make(tmp_path: Path, **kw) -> RunStore:
-    return RunStore.create(tmp_path, "My Run!", "train:\n  steps: 3\n", extra={"world_size": 1},
-                           **kw)
+    return RunStore.create(
+        tmp_path, "My Run!", "train:\n  steps: 3\n", extra={"world_size": 1}, **kw
+    )
 
 
 def test_create_writes_manifest_and_config(tmp_path: Path) -> None:
@@ -36,8 +37,10 @@ def test_rows_become_atomic_segments(tmp_path: Path) -> None:
     store.write_step(0, 3, {LOSS: float("nan")})
     store.close("finished")
     files = runstore.segment_files(store.path)
-    assert [f.name for f in files] == ["part-a0000-s0000000001-0000000002.parquet",
-                                       "part-a0000-s0000000003-0000000003.parquet"]
+    assert [f.name for f in files] == [
+        "part-a0000-s0000000001-0000000002.parquet",
+        "part-a0000-s0000000003-0000000003.parquet",
+    ]
     assert not list((store.path / "metrics").glob("*.tmp"))
     table = runstore.read_metrics(store.path).to_pydict()
     assert table["step"] == [1, 2, 3]
@@ -74,7 +77,9 @@ def test_events_are_lines_and_a_torn_line_is_ignored(tmp_path: Path) -> None:
         f.write('{"time": 1, "step": 5, "ki')  # a crash mid-write
     events = runstore.read_events(store.path)
     assert [(e["step"], e["kind"], e["severity"]) for e in events] == [
-        (3, "checkpoint", "info"), (4, "rollback", "warning")]
+        (3, "checkpoint", "info"),
+        (4, "rollback", "warning"),
+    ]
     assert events[0]["data"] == {"p": "x"}
     assert set(events[0]) == {"time", "step", "attempt", "kind", "severity", "message", "data"}
 
