@@ -11,6 +11,7 @@ VENV_BIN = Path(sys.executable).parent
 
 # small, fast runs for loop mechanics (the fixture run uses the preset itself)
 FAST = [
+    "train.device=cpu",  # the mechanics tests compare bits; keep them on the CPU everywhere
     "data.max_bytes_per_source=2000000",
     "train.batch_warmup.start=null",
     "eval.every=0",

@@ -45,6 +45,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoto", description=__doc__.split("\n\n")[0])
+    # the deepspeed launcher passes --local_rank=N before the command; yoto reads the rank
+    # from the environment, as torchrun sets it
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a GPT with DeepSpeed; writes a run directory")
