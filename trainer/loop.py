@@ -81,7 +81,6 @@ class Trainer:
             if warm.start is not None
             else BatchRamp.constant(cfg.train.global_batch_size, granularity)
         )
-        self.last_values: dict[str, float] = {}
         self._last_saved_step = -1
 
     # --- events ---------------------------------------------------------------------------
@@ -112,7 +111,6 @@ class Trainer:
             if last or (cfg.eval.every and self.state.step % cfg.eval.every == 0):
                 values.update(self.evaluate())
             self.sinks.write_step(self.state.attempt, self.state.step, values)
-            self.last_values = values
             if self.info.is_main:
                 progress.update(
                     self.state.step,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -242,8 +243,19 @@ COMMANDS = {
 }
 
 
+def _setup_logging() -> None:
+    logger = logging.getLogger("yoto")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("yoto: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         if args.command == "runs":
             return (cmd_runs_list if args.runs_command == "list" else cmd_runs_show)(args)
