@@ -21,7 +21,7 @@ import torch
 
 from yoto import runstore
 from yoto.config import Config
-from yoto.errors import ConfigError
+from yoto.errors import ConfigError, YotoError
 from yoto.events import Event, EventKind, Severity, Sinks
 from yoto.runstore import RunStore
 
@@ -118,17 +118,21 @@ def train(
             with contextlib.suppress(Exception):
                 trainer.finish_checkpoints()
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
+        refused = isinstance(exc, YotoError) and store is not None and store.previous_status
+        if refused:  # a resume refused for bad input leaves the run as it was
+            status = store.previous_status
         if store is not None:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             step = trainer.state.step if trainer else 0
             attempt = trainer.state.attempt if trainer else 0
+            message = f"resume refused: {exc}" if refused else f"run {status}: {detail}"
             store.write_event(
                 Event(
                     step,
                     attempt,
                     EventKind.END,
-                    Severity.CRITICAL,
-                    f"run {status}: {detail}",
+                    Severity.WARNING if refused else Severity.CRITICAL,
+                    message,
                     {"status": status},
                 )
             )

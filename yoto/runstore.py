@@ -132,6 +132,7 @@ class RunStore:
         self.manifest = manifest
         self.flush_every_steps = flush_every_steps
         self.flush_every_seconds = flush_every_seconds
+        self.previous_status: str | None = None  # set by reopen(): the status before resume
         self._rows: list[dict[str, float]] = []
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
@@ -177,12 +178,14 @@ class RunStore:
         """Continue writing an existing run (resume): status back to running."""
         path = Path(path)
         manifest = read_manifest(path)
+        previous_status = manifest.get("status", "crashed")
         manifest.update(environment_info())
         manifest.update(dict(extra or {}))
         manifest["status"] = "running"
         manifest["end"] = None
         manifest["resumes"] = int(manifest.get("resumes", 0)) + 1
         store = cls(path, manifest, **kwargs)
+        store.previous_status = previous_status
         store._write_manifest()
         return store
 

@@ -231,3 +231,28 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path: Path) -> None:
     assert ckpts and ckpts[-1].step == summary.last_step and ckpts[-1].complete
     end = [e for e in runstore.read_events(run) if e["kind"] == "end"][-1]
     assert end["data"]["status"] == "interrupted"
+
+
+def test_resume_on_changed_data_is_refused_and_the_run_kept(run_copy: Path, capsys) -> None:
+    from yoto.cli import main
+
+    before = runstore.read_manifest(run_copy)
+    rc = main(
+        [
+            "train",
+            "--resume",
+            str(run_copy),
+            "--no-progress",
+            "--set",
+            "data.max_bytes_per_source=1000000",
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "yoto: error: the training data differ from the checkpoint's" in err
+    after = runstore.read_manifest(run_copy)
+    assert after["status"] == before["status"] == "finished"
+    assert runstore.read_metrics(run_copy).num_rows == 300  # nothing lost or added
+    assert [c.step for c in runstore.list_checkpoints(run_copy / "checkpoints")] == [100, 200, 300]
+    last = runstore.read_events(run_copy)[-1]
+    assert last["kind"] == "end" and last["message"].startswith("resume refused")
