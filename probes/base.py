@@ -1,18 +1,26 @@
-"""The probe protocol (DESIGN.md "Probe protocol").
+"""The probe protocol (DESIGN.md "Probe protocol") and the detector protocol.
 
-A probe hands back :class:`Sample` objects whose values may be 0-d device tensors; the
-:class:`~yoto.probes.runner.ProbeRunner` stacks all of a step's tensors and copies them to
-the host once. Probes never call ``.item()``, ``float(tensor)`` or ``.cpu()`` themselves,
-and never change the model, optimizer or data.
+A **probe** observes the step on the device: it hands back :class:`Sample` objects whose
+values may be 0-d device tensors; the :class:`~yoto.probes.runner.ProbeRunner` stacks all
+of a step's tensors and copies them to the host once. Probes never call ``.item()``,
+``float(tensor)`` or ``.cpu()`` themselves, and never change the model, optimizer or data.
+
+A **detector** reads the step's host values after that one transfer and turns them into
+:class:`Verdict` objects (a spike, an overflow, a layer out of band); the policy turns
+verdicts into actions. Detectors may also report host-side metrics (counters, scores).
+
+Both keep their windows/EMAs in ``state_dict`` so they survive checkpoints and rollbacks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from yoto.events import EventKind, Severity
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +28,26 @@ class Sample:
     name: str  # a catalog name
     value: float | torch.Tensor  # 0-d tensor allowed; the runner converts once per step
     labels: Mapping[str, str] = field(default_factory=dict)  # bounded: layer, source, rank
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: EventKind  # spike, overflow, probe, ... (becomes the event's kind)
+    severity: Severity
+    step: int  # the step at which it was decided
+    onset: int  # the first step of the anomaly (== step for a one-step event)
+    message: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Rows for one of the run directory's long tables (e.g. ``spectra``), written as they
+    are by the durable sink. Rows are plain dicts of host values."""
+
+    table: str
+    step: int  # the step the rows describe (may be earlier than the step that emits them)
+    rows: list[dict[str, Any]]
 
 
 @dataclass
@@ -38,9 +66,12 @@ class StepContext:
     attempt: int
     tokens_total: int  # training tokens consumed, this step included
     batch_size: int  # global batch of this step, sequences
+    micro_batch_size: int  # sequences per micro-batch per rank
+    n_micro: int  # micro-batches accumulated per rank this step
+    world: int  # data-parallel ranks
     seq_len: int
     loss: torch.Tensor  # mean over the global batch, on device
-    grad_norm: torch.Tensor | float | None
+    grad_norm: torch.Tensor | float | None  # global, before clipping, unscaled
     lr: float
     engine: Any
 
@@ -56,3 +87,51 @@ class Probe(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Attaches(Protocol):
+    """Optional: a probe that needs hooks on the model gets them here, once, after the
+    engine exists; ``detach`` removes them. ``active(step)`` tells the probe whether the
+    coming step is one of its probe steps, so hooks can stay idle otherwise."""
+
+    def attach(self, model: torch.nn.Module, engine: Any) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def active(self, step: int) -> None: ...
+
+
+class Detector(Protocol):
+    name: str
+
+    def observe(self, step: int, values: Mapping[str, float]) -> Iterable[Verdict]: ...
+
+    def metrics(self) -> Iterable[Sample]:
+        """Host-side values (counters, scores) for the same step's row."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class HookGuard:
+    """Hooks run inside autograd and forward passes, where an exception would kill the
+    step. A probe routes each hook body through a guard: the first error is kept for the
+    runner to report and the hooks go quiet until the runner clears it."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # reported by the runner as a probe failure
+            self.error = exc
+            return None
+
+    def take(self) -> BaseException | None:
+        error, self.error = self.error, None
+        return error

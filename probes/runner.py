@@ -1,16 +1,34 @@
-"""Runs the probes and moves each step's values to the host in one transfer."""
+"""Runs the probes and detectors; moves each step's values to the host in one transfer.
+
+Per step the loop calls, in order: ``begin_step`` (tells hook-based probes whether this is
+one of their steps), ``on_micro_step`` after each backward, ``on_step`` after the
+optimizer step, ``flush`` (the one device-to-host copy), then ``detect`` (host-side
+detectors -> verdicts). A probe that raises, directly or inside one of its hooks, is
+isolated: its samples for that step are dropped, the error comes back as a verdict (an
+event), and after ``max_failures`` failures in a row the probe is switched off.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from yoto import catalog
+from yoto.events import EventKind, Severity
 
-from .base import MicroStepContext, Probe, Sample, StepContext
+from .base import (
+    Attaches,
+    Detector,
+    MicroStepContext,
+    Probe,
+    Record,
+    Sample,
+    StepContext,
+    Verdict,
+)
 
 
 class ProbeRunner:
@@ -21,9 +39,24 @@ class ProbeRunner:
     costs one synchronisation whatever the number of probes.
     """
 
-    def __init__(self, probes: Iterable[Probe] = ()) -> None:
+    def __init__(
+        self,
+        probes: Iterable[Probe] = (),
+        detectors: Iterable[Detector] = (),
+        max_failures: int = 3,
+    ) -> None:
         self.probes = list(probes)
+        self.detectors = list(detectors)
+        self.max_failures = max_failures
+        self.failures: dict[str, int] = {}  # in a row
+        self.failed_total: dict[str, int] = {}
+        self.disabled: set[str] = set()
         self._pending: list[tuple[str, float | torch.Tensor]] = []
+        self._verdicts: list[Verdict] = []
+        self._records: list[Record] = []
+        self._step = 0
+
+    # --- samples --------------------------------------------------------------------------
 
     def add(self, sample: Sample) -> None:
         metric = catalog.CATALOG.get(sample.name)
@@ -39,15 +72,88 @@ class ProbeRunner:
         for sample in samples:
             self.add(sample)
 
-    def on_micro_step(self, ctx: MicroStepContext) -> None:
+    # --- probes ---------------------------------------------------------------------------
+
+    def _live(self, step: int) -> list[Probe]:
+        return [p for p in self.probes if p.name not in self.disabled and step % p.every == 0]
+
+    def attach(self, model: torch.nn.Module, engine: Any) -> None:
         for probe in self.probes:
-            if ctx.step % probe.every == 0:
-                self.extend(probe.on_micro_step(ctx))
+            if isinstance(probe, Attaches):
+                self._guarded(probe, lambda p=probe: p.attach(model, engine))
+
+    def detach(self) -> None:
+        for probe in self.probes:
+            if isinstance(probe, Attaches):
+                probe.detach()
+
+    def begin_step(self, step: int) -> None:
+        """``step`` is the optimizer step about to run (1-based)."""
+        self._step = step
+        for probe in self.probes:
+            if isinstance(probe, Attaches) and probe.name not in self.disabled:
+                probe.active(step if step % probe.every == 0 else -1)
+
+    def on_micro_step(self, ctx: MicroStepContext) -> None:
+        for probe in self._live(ctx.step):
+            self._guarded(probe, lambda p=probe: self._collect(p, p.on_micro_step(ctx)))
 
     def on_step(self, ctx: StepContext) -> None:
+        for probe in self._live(ctx.step):
+            self._guarded(probe, lambda p=probe: self._collect(p, p.on_step(ctx)))
+        for probe in self.probes:  # errors raised inside hooks during this step
+            guard = getattr(probe, "guard", None)
+            error = guard.take() if guard is not None else None
+            if error is not None and probe.name not in self.disabled:
+                self._failed(probe, error)
+
+    def _collect(self, probe: Probe, items: Iterable[Sample | Verdict]) -> None:
+        items = list(items)  # a generator raising half-way drops all of its samples
+        self.extend(i for i in items if isinstance(i, Sample))
+        self._verdicts.extend(i for i in items if isinstance(i, Verdict))
+        self._records.extend(i for i in items if isinstance(i, Record))
+        self.failures[probe.name] = 0
+
+    def finish(self, timeout: float | None) -> None:
+        """End of a run: probes with work in flight (spectra) may hand it in now."""
         for probe in self.probes:
-            if ctx.step % probe.every == 0:
-                self.extend(probe.on_step(ctx))
+            finish = getattr(probe, "finish", None)
+            if finish is not None and probe.name not in self.disabled:
+                self._guarded(probe, lambda p=probe, f=finish: self._collect(p, f(timeout)))
+
+    def take_records(self) -> list[Record]:
+        records, self._records = self._records, []
+        return records
+
+    def _guarded(self, probe: Probe, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except Exception as exc:
+            self._failed(probe, exc)
+
+    def _failed(self, probe: Probe, exc: BaseException) -> None:
+        count = self.failures.get(probe.name, 0) + 1
+        self.failures[probe.name] = count
+        self.failed_total[probe.name] = self.failed_total.get(probe.name, 0) + 1
+        off = count >= self.max_failures
+        if off:
+            self.disabled.add(probe.name)
+            if isinstance(probe, Attaches):
+                probe.detach()
+        what = f"{type(exc).__name__}: {exc}"
+        self._verdicts.append(
+            Verdict(
+                EventKind.PROBE,
+                Severity.WARNING,
+                self._step,
+                self._step,
+                f"probe {probe.name} failed ({what})"
+                + (f"; disabled after {count} failures in a row" if off else "; the step goes on"),
+                {"probe": probe.name, "error": what, "failures": count, "disabled": off},
+            )
+        )
+
+    # --- the one transfer -----------------------------------------------------------------
 
     def flush(self, control: torch.Tensor | None = None) -> tuple[dict[str, float], list[float]]:
         """All pending values as floats, plus ``control`` (a 1-d tensor of flags the loop
@@ -72,10 +178,32 @@ class ProbeRunner:
         controls = host[len(host) - n_control :] if n_control else []
         return values, controls
 
+    # --- host side ------------------------------------------------------------------------
+
+    def detect(self, step: int, values: dict[str, float]) -> list[Verdict]:
+        """Run the detectors on the step's host values; their own metrics (counters,
+        scores) are added to ``values``. Returns this step's verdicts, probe failures
+        included."""
+        verdicts, self._verdicts = self._verdicts, []
+        for detector in self.detectors:
+            verdicts.extend(detector.observe(step, values))
+            for sample in detector.metrics():
+                values[catalog.series_key(sample.name, dict(sample.labels))] = float(sample.value)
+        for name, count in self.failed_total.items():
+            values[catalog.PROBE_FAILURES.key(probe=name)] = float(count)
+        return verdicts
+
     def state_dict(self) -> dict[str, Any]:
-        return {p.name: p.state_dict() for p in self.probes}
+        return {
+            "probes": {p.name: p.state_dict() for p in self.probes},
+            "detectors": {d.name: d.state_dict() for d in self.detectors},
+            "failed_total": dict(self.failed_total),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for probe in self.probes:
-            if probe.name in state:
-                probe.load_state_dict(state[probe.name])
+        self.failed_total = dict(state.get("failed_total", {}))
+        for group, items in (("probes", self.probes), ("detectors", self.detectors)):
+            saved = state.get(group, {})
+            for item in items:
+                if item.name in saved:
+                    item.load_state_dict(saved[item.name])

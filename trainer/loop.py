@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from yoto.probes.base import MicroStepContext, Sample, StepContext
+from yoto.probes.base import MicroStepContext, Sample, StepContext, Verdict
 from yoto.probes.runner import ProbeRunner
 
 from yoto import catalog
@@ -82,6 +82,7 @@ class Trainer:
             else BatchRamp.constant(cfg.train.global_batch_size, granularity)
         )
         self._last_saved_step = -1
+        self.verdicts: list[Verdict] = []  # of the last step
 
     # --- events ---------------------------------------------------------------------------
 
@@ -106,11 +107,7 @@ class Trainer:
         status = "finished"
         self._start_batch_schedule()
         while self.state.step < cfg.train.steps:
-            values, stop = self.train_step()
-            last = self.state.step >= cfg.train.steps
-            if last or (cfg.eval.every and self.state.step % cfg.eval.every == 0):
-                values.update(self.evaluate())
-            self.sinks.write_step(self.state.attempt, self.state.step, values)
+            values, stop = self.step_once()
             if self.info.is_main:
                 progress.update(
                     self.state.step,
@@ -129,6 +126,34 @@ class Trainer:
             self.save_checkpoint()
         self.finish_checkpoints()
         return status
+
+    def step_once(self) -> tuple[dict[str, float], bool]:
+        """One optimizer step end to end: train, validate when due, hand in work still in
+        flight at the end, run the detectors, record. Returns the step's values and
+        whether all ranks agreed to stop."""
+        cfg = self.cfg
+        values, stop = self.train_step()
+        last = self.state.step >= cfg.train.steps
+        if last or (cfg.eval.every and self.state.step % cfg.eval.every == 0):
+            values.update(self.evaluate())
+        if last or stop:  # work still in flight (spectra) is handed in with the last row
+            self.runner.finish(0.0 if stop else cfg.probes.spectra.end_timeout_seconds)
+            values.update(self.runner.flush()[0])
+        self.verdicts = self.runner.detect(self.state.step, values)
+        self._record(self.verdicts)
+        self.sinks.write_step(self.state.attempt, self.state.step, values)
+        return values, stop
+
+    def _record(self, verdicts: list[Verdict]) -> None:
+        """Verdicts become events (the policy of the interventions issue will act on them);
+        records (spectra rows) go to their tables."""
+        for v in verdicts:
+            self.event(v.kind, v.severity, v.message, step=v.step, onset=v.onset, **v.data)
+        if self.info.is_main:
+            for record in self.runner.take_records():
+                self.sinks.write_records(record.table, self.state.attempt, record.step, record.rows)
+        else:
+            self.runner.take_records()
 
     def _start_batch_schedule(self) -> None:
         """Put the engine on the schedule's batch for the current position, silently; only
@@ -168,6 +193,7 @@ class Trainer:
         lr = learning_rate(s.step, cfg.optim, cfg.train.steps)
         eng.set_lr(engine, lr)
 
+        self.runner.begin_step(s.step + 1)
         windows = self.sampler.next_global_batch(batch_size)
         n_micro = engine.gradient_accumulation_steps()
         loss_sum = torch.zeros((), device=info.device)
@@ -215,15 +241,18 @@ class Trainer:
         runner.add(Sample(catalog.ATTEMPT.name, s.attempt))
         runner.on_step(
             StepContext(
-                s.step,
-                s.attempt,
-                s.tokens,
-                batch_size,
-                cfg.model.seq_len,
-                loss_mean,
-                grad_norm,
-                lr,
-                engine,
+                step=s.step,
+                attempt=s.attempt,
+                tokens_total=s.tokens,
+                batch_size=batch_size,
+                micro_batch_size=cfg.train.micro_batch_size,
+                n_micro=n_micro,
+                world=info.world,
+                seq_len=cfg.model.seq_len,
+                loss=loss_mean,
+                grad_norm=grad_norm,
+                lr=lr,
+                engine=engine,
             )
         )
         values, flags = runner.flush(control)

@@ -10,6 +10,7 @@ Shapes: B batch, T sequence length, C = d_model, H heads, D = C // H, V vocabula
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True  # scaled init
         self.dropout = cfg.dropout
+        # An observation point for probes (attention logit max / entropy on probe steps):
+        # called with q, k (B, H, T, D) as the kernel sees them. None on every other step,
+        # so the fused kernel never materialises the attention matrix.
+        self.stats_hook: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # (B, H, T, D); SDPA picks the fused kernel for the device
+        if self.stats_hook is not None:
+            self.stats_hook(q, k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )

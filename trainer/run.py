@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from yoto.probes.runner import ProbeRunner
+from yoto.probes.suite import build_runner
 
 from yoto import runstore
 from yoto.config import Config
@@ -90,12 +92,15 @@ def train(
 
     status = "crashed"
     trainer: Trainer | None = None
+    runner: ProbeRunner | None = None
     try:
         engine = eng.build_engine(model, cfg, info)
         checkpointer = Checkpointer(
             run_dir / runstore.CHECKPOINTS, cfg.checkpoint.keep_last, info.rank
         )
-        trainer = Trainer(cfg, engine, sampler, val, info, sinks, checkpointer)
+        runner = build_runner(cfg)
+        runner.attach(engine.module, engine)
+        trainer = Trainer(cfg, engine, sampler, val, info, sinks, checkpointer, runner)
         if resume is not None:
             _resume(trainer, run_dir)
         trainer.event(
@@ -138,6 +143,9 @@ def train(
             )
             store.close(status)
         raise
+    finally:
+        if runner is not None:
+            runner.detach()  # hooks off, the spectra worker stopped
     if store is not None:
         assert trainer is not None
         trainer.event(

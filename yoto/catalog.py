@@ -123,6 +123,211 @@ VAL_LOSS = _metric(
     cadence="eval",
 )
 
+# --- spikes (probes/spikes.py) ------------------------------------------------------------
+LOSS_SPIKES = _metric(
+    "yoto_loss_spikes_total",
+    "counter",
+    "",
+    "Loss spike episodes seen by the detectors (any rule; a non-finite loss counts).",
+)
+GRAD_NORM_SPIKES = _metric(
+    "yoto_grad_norm_spikes_total",
+    "counter",
+    "",
+    "Grad-norm spike episodes seen by the detectors.",
+)
+SPIKE_SCORE = _metric(
+    "yoto_spike_score_ratio",
+    "gauge",
+    "ratio",
+    "Fraction of the recent steps (probes.spikes.score_window) in a loss or grad-norm spike.",
+)
+
+# --- gradient noise scale (probes/grad_noise.py) ------------------------------------------
+GRADIENT_NOISE_SCALE = _metric(
+    "yoto_gradient_noise_scale_samples",
+    "gauge",
+    "samples",
+    "B_simple = tr(Sigma)/|G|^2 in sequences (x seq_len for tokens); EMA-smoothed.",
+)
+GRADIENT_SQ_NORM_ESTIMATE = _metric(
+    "yoto_gradient_noise_grad_sq",
+    "gauge",
+    "",
+    "Unbiased two-batch estimate of the true gradient's squared norm |G|^2 (EMA).",
+)
+GRADIENT_TRACE_SIGMA = _metric(
+    "yoto_gradient_noise_trace_sigma",
+    "gauge",
+    "",
+    "Unbiased two-batch estimate of tr(Sigma), the per-sequence gradient variance (EMA).",
+)
+
+# --- precision (probes/precision.py) ------------------------------------------------------
+LOSS_SCALE = _metric("yoto_loss_scale", "gauge", "", "fp16 dynamic loss scale.")
+LOSS_SCALE_HEADROOM = _metric(
+    "yoto_loss_scale_headroom_bits",
+    "gauge",
+    "bits",
+    "log2(loss scale / DeepSpeed's minimum scale): halvings left before the run stops.",
+)
+LOSS_SCALE_STEPS_SINCE_GROWTH = _metric(
+    "yoto_loss_scale_steps_since_growth",
+    "gauge",
+    "steps",
+    "Optimizer steps since the fp16 loss scale last grew.",
+)
+OVERFLOW_STEPS = _metric(
+    "yoto_overflow_steps_total",
+    "counter",
+    "",
+    "Steps with inf/nan gradients (skipped by fp16 loss scaling; bf16/fp32 applied them).",
+)
+CONSECUTIVE_OVERFLOWS = _metric(
+    "yoto_consecutive_overflow_steps",
+    "gauge",
+    "steps",
+    "Overflow steps in a row up to the last step (0 after a clean step).",
+)
+GRAD_UNDERFLOW = _metric(
+    "yoto_grad_underflow_ratio",
+    "gauge",
+    "ratio",
+    "Fraction of weight-gradient entries that are zero or subnormal in the gradient's dtype.",
+    cadence="probe",
+)
+ACTIVATION_ABSMAX = _metric(
+    "yoto_activation_absmax",
+    "gauge",
+    "",
+    "Largest |activation| at a block's output.",
+    labels=("layer",),
+    cadence="probe",
+)
+ACTIVATION_HEADROOM = _metric(
+    "yoto_activation_headroom_bits",
+    "gauge",
+    "bits",
+    "log2(dtype max / activation absmax) at a block's output.",
+    labels=("layer",),
+    cadence="probe",
+)
+
+# --- per-layer statistics (probes/layers.py) ----------------------------------------------
+LAYER_GRAD_NORM = _metric(
+    "yoto_layer_grad_norm",
+    "gauge",
+    "",
+    "L2 norm of one block's gradient (global batch, before clipping, unscaled).",
+    labels=("layer",),
+    cadence="probe",
+)
+LAYER_PARAM_NORM = _metric(
+    "yoto_layer_param_norm",
+    "gauge",
+    "",
+    "L2 norm of one block's parameters.",
+    labels=("layer",),
+    cadence="probe",
+)
+LAYER_UPDATE_RATIO = _metric(
+    "yoto_layer_update_ratio",
+    "gauge",
+    "",
+    "|parameter update| / |parameters| of one block in the last step.",
+    labels=("layer",),
+    cadence="probe",
+)
+ACTIVATION_RMS = _metric(
+    "yoto_activation_rms",
+    "gauge",
+    "",
+    "Root mean square of a block's output.",
+    labels=("layer",),
+    cadence="probe",
+)
+ATTENTION_LOGIT_MAX = _metric(
+    "yoto_attention_logit_max",
+    "gauge",
+    "",
+    "Largest pre-softmax attention logit in a block (sampled heads and query rows).",
+    labels=("layer",),
+    cadence="probe",
+)
+ATTENTION_ENTROPY = _metric(
+    "yoto_attention_entropy_nats",
+    "gauge",
+    "nats",
+    "Mean attention entropy in a block (sampled heads and query rows).",
+    labels=("layer",),
+    cadence="probe",
+)
+OUTPUT_LOG_Z = _metric(
+    "yoto_output_logit_log_z",
+    "gauge",
+    "nats",
+    "Mean log-partition log(sum exp(logits)) of the LM head (sampled rows).",
+    cadence="probe",
+)
+
+# --- layer spectra (probes/spectra.py) ----------------------------------------------------
+WEIGHT_ALPHA = _metric(
+    "yoto_weight_alpha",
+    "gauge",
+    "",
+    "weightwatcher power-law exponent of a weight matrix's eigenvalue spectrum.",
+    labels=("layer",),
+    cadence="probe",
+)
+WEIGHT_ALPHA_WEIGHTED = _metric(
+    "yoto_weight_alpha_weighted",
+    "gauge",
+    "",
+    "weightwatcher alpha x log10(lambda_max).",
+    labels=("layer",),
+    cadence="probe",
+)
+WEIGHT_STABLE_RANK = _metric(
+    "yoto_weight_stable_rank",
+    "gauge",
+    "",
+    "Frobenius^2 / spectral^2 norm of a weight matrix.",
+    labels=("layer",),
+    cadence="probe",
+)
+WEIGHT_LOG_SPECTRAL_NORM = _metric(
+    "yoto_weight_log_spectral_norm",
+    "gauge",
+    "",
+    "log10 of the largest eigenvalue of W^T W.",
+    labels=("layer",),
+    cadence="probe",
+)
+WEIGHT_LOG_NORM = _metric(
+    "yoto_weight_log_norm",
+    "gauge",
+    "",
+    "log10 of the squared Frobenius norm of W.",
+    labels=("layer",),
+    cadence="probe",
+)
+SPECTRA_SKIPPED = _metric(
+    "yoto_spectra_skipped_total",
+    "counter",
+    "",
+    "Spectra analyses skipped because the previous one was still running.",
+)
+
+# --- probe health (probes/runner.py) ------------------------------------------------------
+PROBE_FAILURES = _metric(
+    "yoto_probe_failures_total",
+    "counter",
+    "",
+    "Times a probe raised (its samples for that step were dropped).",
+    labels=("probe",),
+    cadence="event",
+)
+
 
 def series_key(name: str, labels: dict[str, str] | None = None) -> str:
     """``name`` or ``name{a="x",b="y"}`` with labels in sorted order."""

@@ -138,6 +138,86 @@ class LogConfig(Section):
     flush_every_seconds: float = Field(30.0, gt=0, description="or sooner, by wall clock")
 
 
+class SigmaRuleConfig(Section):
+    """Outlier: value > mean + k * sigma of the window (OLMo-core)."""
+
+    enabled: bool = True
+    k: float = Field(6.0, gt=0)
+    window: int = Field(128, ge=4)
+
+
+class RatioRuleConfig(Section):
+    """Outlier: value >= ratio x window mean; spike after `patience` outliers (Composer)."""
+
+    enabled: bool = True
+    ratio: float = Field(2.0, gt=1.0)
+    window: int = Field(100, ge=4)
+    patience: int = Field(4, ge=0)
+
+
+class EwmRuleConfig(Section):
+    """Outlier: value > ratio x exponentially weighted mean of span `span` (metaseq)."""
+
+    enabled: bool = True
+    span: float = Field(9.0, ge=1.0)
+    ratio: float = Field(2.5, gt=1.0)
+
+
+class SpikesConfig(Section):
+    enabled: bool = True
+    min_history: int = Field(32, ge=2, description="healthy values before a rule may fire")
+    score_window: int = Field(100, ge=1, description="steps in yoto_spike_score_ratio")
+    sigma: SigmaRuleConfig = Field(default_factory=SigmaRuleConfig)
+    ratio: RatioRuleConfig = Field(default_factory=RatioRuleConfig)
+    ewm: EwmRuleConfig = Field(default_factory=EwmRuleConfig)
+
+
+class GradNoiseConfig(Section):
+    enabled: bool = True
+    every: int = Field(1, ge=1)
+    ema: float = Field(0.95, ge=0.0, lt=1.0, description="decay of the |G|^2 and tr(Sigma) EMAs")
+    reset_on_batch_change: bool = Field(
+        False,
+        description="restart the EMAs when the batch changes (the estimates are per "
+        "sequence, so by default they carry over)",
+    )
+
+
+class PrecisionConfig(Section):
+    enabled: bool = True
+    every: int = Field(1, ge=1, description="loss scale and overflow bookkeeping")
+    detail_every: int = Field(50, ge=1, description="activation headroom and grad underflow")
+
+
+class LayersConfig(Section):
+    enabled: bool = True
+    every: int = Field(50, ge=1)
+    attention_heads: int = Field(2, ge=1, description="heads sampled for attention stats")
+    attention_rows: int = Field(32, ge=1, description="query rows sampled per sequence")
+
+
+class SpectraConfig(Section):
+    enabled: bool = True
+    every: int = Field(500, ge=1, description="steps between weightwatcher analyses")
+    min_evals: int = Field(10, ge=2, description="smallest matrix dimension analysed")
+    svd_method: Literal["fast", "accurate"] = "accurate"
+    alpha_low: float = Field(2.0, description="below: over-trained / heavy-tailed")
+    alpha_high: float = Field(6.0, description="above: under-trained or a bad fit")
+    end_timeout_seconds: float = Field(
+        600.0, ge=0, description="at the end of a run, wait this long for an analysis in flight"
+    )
+
+
+class ProbesConfig(Section):
+    enabled: bool = True
+    max_failures: int = Field(3, ge=1, description="failures in a row before a probe is off")
+    spikes: SpikesConfig = Field(default_factory=SpikesConfig)
+    grad_noise: GradNoiseConfig = Field(default_factory=GradNoiseConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    layers: LayersConfig = Field(default_factory=LayersConfig)
+    spectra: SpectraConfig = Field(default_factory=SpectraConfig)
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -146,6 +226,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="merged last into the generated DeepSpeed config (expert escape hatch)",

@@ -30,6 +30,7 @@ class EventKind(StrEnum):
     ALERT = "alert"
     FAULT_INJECTED = "fault_injected"
     HALT = "halt"
+    SPECTRA = "spectra"  # a layer's weight spectrum left the healthy band
     PROBE = "probe"  # a probe says something about itself (e.g. a metric it cannot compute)
 
 
@@ -70,6 +71,11 @@ class Sink(Protocol):
     def flush(self) -> None:
         """Make everything written so far durable/visible."""
 
+    def write_records(
+        self, table: str, attempt: int, step: int, rows: list[Mapping[str, Any]]
+    ) -> None:
+        """Rows of a long table (spectra/...) describing ``step``."""
+
     def close(self, status: str) -> None:
         """The run stopped with ``status`` (finished, halted, crashed, interrupted)."""
 
@@ -107,6 +113,12 @@ class Sinks:
         if self.durable is not None:
             self.durable.write_event(event)
         self._each_live("write_event", event)
+
+    def write_records(
+        self, table: str, attempt: int, step: int, rows: list[Mapping[str, Any]]
+    ) -> None:
+        if self.durable is not None:
+            self.durable.write_records(table, attempt, step, rows)
 
     def flush(self) -> None:
         if self.durable is not None:

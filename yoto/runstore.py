@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 EVENTS = "events.jsonl"
 METRICS = "metrics"
+LAYERS = "layers"  # long: attempt, step, layer, metric, value
+SPECTRA = "spectra"  # long: attempt, step, layer, alpha, ... (yoto.probes.spectra)
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"  # written last into a checkpoint folder (yoto.trainer.checkpoint)
 _TAG = re.compile(r"^step-(\d+)$")
@@ -134,6 +136,7 @@ class RunStore:
         self.flush_every_seconds = flush_every_seconds
         self.previous_status: str | None = None  # set by reopen(): the status before resume
         self._rows: list[dict[str, float]] = []
+        self._layer_rows: list[tuple[int, int, str, str, float]] = []
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
         (self.path / METRICS).mkdir(parents=True, exist_ok=True)
@@ -192,8 +195,16 @@ class RunStore:
     # Sink protocol
 
     def write_step(self, attempt: int, step: int, values: Mapping[str, float]) -> None:
+        """One wide row per step; series labelled by ``layer`` go to the long layers/
+        table instead (a 96-layer model would otherwise make thousands of columns)."""
         row = {"attempt": attempt, "step": step, "time": time.time()}
-        row.update(values)
+        for key, value in values.items():
+            if "{" in key:
+                name, labels = _split_key(key)
+                if "layer" in labels:
+                    self._layer_rows.append((attempt, step, labels["layer"], name, value))
+                    continue
+            row[key] = value
         self._rows.append(row)
         due = time.monotonic() - self._last_flush >= self.flush_every_seconds
         if len(self._rows) >= self.flush_every_steps or due:
@@ -209,15 +220,26 @@ class RunStore:
     def flush(self) -> None:
         """Write the buffered rows as one Parquet segment (atomically) and the manifest."""
         rows, self._rows = self._rows, []
+        layer_rows, self._layer_rows = self._layer_rows, []
         self._last_flush = time.monotonic()
-        start = 0
-        for i in range(1, len(rows) + 1):  # one segment per attempt: names say what they hold
-            if i == len(rows) or rows[i]["attempt"] != rows[start]["attempt"]:
-                self._write_segment(rows[start:i])
-                start = i
+        for part in _runs_of_attempt(rows, lambda r: r["attempt"]):
+            self._write_segment(part)
+        for part in _runs_of_attempt(layer_rows, lambda r: r[0]):
+            self._write_layer_segment(part)
         if rows:
             self._summarise(rows)
         self._write_manifest()
+
+    def write_records(
+        self, table: str, attempt: int, step: int, rows: list[Mapping[str, Any]]
+    ) -> None:
+        """Rows of a long table (e.g. spectra/) describing ``step``, written at once."""
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", table) or table in (METRICS, CHECKPOINTS):
+            raise ValueError(f"{table!r} is not a records table name")
+        if not rows:
+            return
+        data = pa.Table.from_pylist([{"attempt": attempt, "step": step, **r} for r in rows])
+        self._write_parquet(table, f"part-a{attempt:04d}-s{step:010d}", data)
 
     def close(self, status: str) -> None:
         if status not in STATUSES:
@@ -246,20 +268,38 @@ class RunStore:
         }
         for key in keys[len(_ROW_KEYS) :]:
             columns[key] = pa.array([_float_or_none(r.get(key)) for r in rows], pa.float64())
-        table = pa.table(columns)
-        attempt = rows[0]["attempt"]
-        name = f"part-a{attempt:04d}-s{rows[0]['step']:010d}-{rows[-1]['step']:010d}"
-        target = self.path / METRICS / f"{name}.parquet"
+        stem = _segment_stem(rows[0]["attempt"], rows[0]["step"], rows[-1]["step"])
+        self._write_parquet(METRICS, stem, pa.table(columns))
+
+    def _write_layer_segment(self, rows: list[tuple[int, int, str, str, float]]) -> None:
+        attempt, step, layer, metric, value = zip(*rows, strict=True)
+        table = pa.table(
+            {
+                "attempt": pa.array(attempt, pa.int32()),
+                "step": pa.array(step, pa.int64()),
+                "layer": pa.array(layer, pa.string()),
+                "metric": pa.array(metric, pa.string()),
+                "value": pa.array([_float_or_none(v) for v in value], pa.float64()),
+            }
+        )
+        self._write_parquet(LAYERS, _segment_stem(attempt[0], step[0], step[-1]), table)
+
+    def _write_parquet(self, folder: str, stem: str, table: pa.Table) -> Path:
+        """Atomically add ``folder/stem.parquet``; never overwrite (append-only record)."""
+        directory = self.path / folder
+        directory.mkdir(exist_ok=True)
+        target = directory / f"{stem}.parquet"
         n = 1
-        while target.exists():  # never overwrite a segment: the record is append-only
-            target = self.path / METRICS / f"{name}-{n}.parquet"
+        while target.exists():
+            target = directory / f"{stem}-{n}.parquet"
             n += 1
         tmp = target.with_name(target.name + ".tmp")
         pq.write_table(table, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        fsync_dir(directory)
+        return target
 
     def _summarise(self, rows: list[dict[str, float]]) -> None:
         summary = self.manifest.setdefault("summary", {})
@@ -286,6 +326,19 @@ class RunStore:
     def _write_manifest(self) -> None:
         self.manifest["updated"] = time.time()
         atomic_write_json(self.path / MANIFEST, self.manifest)
+
+
+def _segment_stem(attempt: int, first: int, last: int) -> str:
+    return f"part-a{attempt:04d}-s{first:010d}-{last:010d}"
+
+
+def _runs_of_attempt(rows: list[Any], attempt_of: Any) -> Iterator[list[Any]]:
+    """Consecutive rows of one attempt: one segment each, so names say what they hold."""
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or attempt_of(rows[i]) != attempt_of(rows[start]):
+            yield rows[start:i]
+            start = i
 
 
 def _split_key(key: str) -> tuple[str, dict[str, str]]:
@@ -364,22 +417,32 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise RunDirError(f"{str(path / MANIFEST)!r} is damaged: {exc}") from None
 
 
-def segment_files(path: str | Path) -> list[Path]:
-    """Complete metric segments, in (attempt, first step) order."""
-    folder = Path(path) / METRICS
-    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+def segment_files(path: str | Path, folder: str = METRICS) -> list[Path]:
+    """Complete segments of one table, in (attempt, first step) order."""
+    directory = Path(path) / folder
+    return sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
 
 
-def read_metrics(path: str | Path) -> pa.Table:
-    """All metric rows of a run, every attempt, sorted by (attempt, step)."""
+def read_table(path: str | Path, folder: str) -> pa.Table | None:
+    """Every segment of one table (metrics, layers, spectra), sorted by (attempt, step);
+    None when the run has none."""
     path = require_run_dir(path)
     tables = []
-    for file in segment_files(path):
+    for file in segment_files(path, folder):
         try:
             tables.append(pq.read_table(file))
         except (OSError, pa.ArrowInvalid) as exc:  # a damaged disk; the rest is still useful
             print(f"warning: skipping unreadable segment {file}: {exc}", file=sys.stderr)
     if not tables:
+        return None
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("attempt", "ascending"), ("step", "ascending")])
+
+
+def read_metrics(path: str | Path) -> pa.Table:
+    """All metric rows of a run, every attempt, sorted by (attempt, step)."""
+    table = read_table(path, METRICS)
+    if table is None:
         return pa.table(
             {
                 "attempt": pa.array([], pa.int32()),
@@ -387,8 +450,23 @@ def read_metrics(path: str | Path) -> pa.Table:
                 "time": pa.array([], pa.float64()),
             }
         )
-    table = pa.concat_tables(tables, promote_options="default")
-    return table.sort_by([("attempt", "ascending"), ("step", "ascending")])
+    return table
+
+
+def read_layers(path: str | Path) -> pa.Table:
+    """Per-layer values, long: attempt, step, layer, metric, value."""
+    table = read_table(path, LAYERS)
+    if table is None:
+        return pa.table(
+            {
+                "attempt": pa.array([], pa.int32()),
+                "step": pa.array([], pa.int64()),
+                "layer": pa.array([], pa.string()),
+                "metric": pa.array([], pa.string()),
+                "value": pa.array([], pa.float64()),
+            }
+        )
+    return table
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

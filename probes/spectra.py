@@ -1,0 +1,198 @@
+"""Layer spectra with weightwatcher, in a background process.
+
+Every ``probes.spectra.every`` steps the probe copies the weight matrices (the model's
+``nn.Linear`` weights; tied embeddings are the LM head) to the host and hands them to a
+worker process that runs ``weightwatcher.WeightWatcher(model).analyze(...)``. The step
+does not wait: the copy is the only cost it pays. When the worker answers (a later step),
+the probe writes one row per matrix to the run directory's ``spectra/`` table (with the
+step the weights came from, and the eigenvalues weightwatcher fitted), exports the gauges
+below for that step's row, and gives a ``spectra`` verdict for each matrix whose alpha left
+the ``[alpha_low, alpha_high]`` band. If an analysis is still running when the next is due,
+the new one is skipped and counted. weightwatcher is imported only in the worker, where
+its logging set-up cannot touch the trainer's.
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+| yoto_weight_alpha | gauge | layer | power-law exponent of the ESD |
+| yoto_weight_alpha_weighted | gauge | layer | alpha x log10(lambda_max) |
+| yoto_weight_stable_rank | gauge | layer | Frobenius^2 / spectral^2 |
+| yoto_weight_log_spectral_norm | gauge | layer | log10(lambda_max) |
+| yoto_weight_log_norm | gauge | layer | log10(Frobenius^2) |
+| yoto_spectra_skipped_total | counter | | analyses skipped (previous one still running) |
+
+``layer`` is the matrix's module name, e.g. ``blocks.3.mlp.fc``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import multiprocessing
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from yoto import catalog
+from yoto.config import SpectraConfig
+from yoto.events import EventKind, Severity
+
+from .base import MicroStepContext, Record, Sample, StepContext, Verdict
+
+TABLE = "spectra"
+COLUMNS = {  # spectra/ column -> gauge
+    "alpha": catalog.WEIGHT_ALPHA,
+    "alpha_weighted": catalog.WEIGHT_ALPHA_WEIGHTED,
+    "stable_rank": catalog.WEIGHT_STABLE_RANK,
+    "log_spectral_norm": catalog.WEIGHT_LOG_SPECTRAL_NORM,
+    "log_norm": catalog.WEIGHT_LOG_NORM,
+}
+
+
+def weight_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> weight of every Linear layer (a tied weight once, under its first name)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            out[name] = module.weight
+    return out
+
+
+def analyze(
+    weights: Mapping[str, np.ndarray], min_evals: int, svd_method: str
+) -> list[dict[str, Any]]:
+    """Run weightwatcher on the given matrices; one row per analysed matrix."""
+    logging.disable(logging.WARNING)  # weightwatcher logs at INFO on the root logger
+    import weightwatcher as ww
+
+    names = list(weights)
+    model = nn.ModuleDict()
+    for i, name in enumerate(names):
+        w = torch.from_numpy(np.asarray(weights[name], dtype=np.float32))
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        model[f"m{i}"] = layer
+    watcher = ww.WeightWatcher(model=model)
+    frame = watcher.analyze(min_evals=min_evals, svd_method=svd_method, plot=False)
+    rows = []
+    for record in frame.to_dict("records"):
+        name = names[int(str(record["name"]).removeprefix("m"))]
+        w = np.asarray(weights[name], dtype=np.float64)
+        esd = np.sort(np.linalg.svd(w, compute_uv=False) ** 2)  # the eigenvalues ww fits
+        row = {"layer": name, "rows": int(w.shape[0]), "cols": int(w.shape[1])}
+        for column in (*COLUMNS, "lambda_max", "num_evals", "xmin", "D", "sigma"):
+            value = record.get(column)
+            row[column] = float(value) if value is not None else math.nan
+        row["esd"] = esd.tolist()
+        rows.append(row)
+    return rows
+
+
+class SpectraProbe:
+    """See the module docstring."""
+
+    name = "spectra"
+
+    def __init__(self, cfg: SpectraConfig, zero_stage: int = 0) -> None:
+        self.every = 1  # runs each step to collect results; analyses every cfg.every steps
+        self.cfg = cfg
+        self.zero_stage = zero_stage
+        self._model: nn.Module | None = None
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._job: tuple[int, float, cf.Future] | None = None  # (step, started, future)
+        self.skipped = 0
+
+    def attach(self, model: nn.Module, engine: Any) -> None:
+        if self.zero_stage < 3:
+            self._model = model
+
+    def detach(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._model = None
+
+    def active(self, step: int) -> None:
+        pass
+
+    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]:
+        return ()
+
+    def on_step(self, ctx: StepContext) -> Iterable[Sample | Verdict | Record]:
+        """Called every step (the runner's cadence is 1): collects a finished analysis,
+        and on multiples of ``every`` starts the next one."""
+        out: list[Sample | Verdict | Record] = list(self._collect(wait=None))
+        if self._model is None or ctx.step % self.cfg.every:
+            return out
+        if self._job is not None:
+            self.skipped += 1
+            out.append(Sample(catalog.SPECTRA_SKIPPED.name, float(self.skipped)))
+            return out
+        weights = {
+            name: w.detach().to("cpu", torch.float32).numpy().copy()
+            for name, w in weight_matrices(self._model).items()
+        }
+        if self._pool is None:
+            ctx_mp = multiprocessing.get_context("spawn")
+            self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx_mp)
+        future = self._pool.submit(analyze, weights, self.cfg.min_evals, self.cfg.svd_method)
+        self._job = (ctx.step, time.perf_counter(), future)
+        out.append(Sample(catalog.SPECTRA_SKIPPED.name, float(self.skipped)))
+        return out
+
+    def finish(self, timeout: float | None) -> Iterable[Sample | Verdict | Record]:
+        """At the end of a run: wait (up to ``timeout`` s) for an analysis in flight."""
+        return self._collect(wait=timeout)
+
+    def _collect(self, wait: float | None) -> list[Sample | Verdict | Record]:
+        if self._job is None:
+            return []
+        step, started, future = self._job
+        if wait is None and not future.done():
+            return []
+        try:
+            rows = future.result(timeout=wait)
+        except cf.TimeoutError:
+            return []
+        finally:
+            if future.done():
+                self._job = None
+        out: list[Sample | Verdict | Record] = [Record(TABLE, step, rows)]
+        for row in rows:
+            label = {"layer": row["layer"]}
+            for column, metric in COLUMNS.items():
+                if math.isfinite(row[column]):
+                    out.append(Sample(metric.name, row[column], label))
+            alpha = row["alpha"]
+            if math.isfinite(alpha) and not self.cfg.alpha_low <= alpha <= self.cfg.alpha_high:
+                side = "below" if alpha < self.cfg.alpha_low else "above"
+                out.append(
+                    Verdict(
+                        EventKind.SPECTRA,
+                        Severity.WARNING,
+                        step,
+                        step,
+                        f"{row['layer']}: alpha {alpha:.2f} is {side} the "
+                        f"[{self.cfg.alpha_low:g}, {self.cfg.alpha_high:g}] band at step {step}",
+                        {
+                            "layer": row["layer"],
+                            "alpha": alpha,
+                            "analysed_step": step,
+                            "seconds": time.perf_counter() - started,
+                        },
+                    )
+                )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = state["skipped"]
