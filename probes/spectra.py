@@ -26,11 +26,13 @@ its logging set-up cannot touch the trainer's.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import math
 import multiprocessing
+import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,32 @@ def analyze(
     return rows
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """A spawned worker inherits the environment of the moment it starts: one BLAS/OpenMP
+    thread, so an analysis takes at most one core from training."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _background_worker() -> None:
+    """Worker initializer: yield the CPU to the training ranks."""
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    torch.set_num_threads(1)
+
+
 class SpectraProbe:
     """See the module docstring."""
 
@@ -108,6 +136,7 @@ class SpectraProbe:
         self._pool: cf.ProcessPoolExecutor | None = None
         self._job: tuple[int, float, cf.Future] | None = None  # (step, started, future)
         self.skipped = 0
+        self._out: dict[str, bool] = {}  # layer -> out of the alpha band at its last analysis
 
     def attach(self, model: nn.Module, engine: Any) -> None:
         if self.zero_stage < 3:
@@ -139,10 +168,13 @@ class SpectraProbe:
             name: w.detach().to("cpu", torch.float32).numpy().copy()
             for name, w in weight_matrices(self._model).items()
         }
-        if self._pool is None:
-            ctx_mp = multiprocessing.get_context("spawn")
-            self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx_mp)
-        future = self._pool.submit(analyze, weights, self.cfg.min_evals, self.cfg.svd_method)
+        with _single_threaded_children():
+            if self._pool is None:
+                ctx_mp = multiprocessing.get_context("spawn")
+                self._pool = cf.ProcessPoolExecutor(
+                    max_workers=1, mp_context=ctx_mp, initializer=_background_worker
+                )
+            future = self._pool.submit(analyze, weights, self.cfg.min_evals, self.cfg.svd_method)
         self._job = (ctx.step, time.perf_counter(), future)
         out.append(Sample(catalog.SPECTRA_SKIPPED.name, float(self.skipped)))
         return out
@@ -170,29 +202,56 @@ class SpectraProbe:
             for column, metric in COLUMNS.items():
                 if math.isfinite(row[column]):
                     out.append(Sample(metric.name, row[column], label))
-            alpha = row["alpha"]
-            if math.isfinite(alpha) and not self.cfg.alpha_low <= alpha <= self.cfg.alpha_high:
-                side = "below" if alpha < self.cfg.alpha_low else "above"
-                out.append(
-                    Verdict(
-                        EventKind.SPECTRA,
-                        Severity.WARNING,
-                        step,
-                        step,
-                        f"{row['layer']}: alpha {alpha:.2f} is {side} the "
-                        f"[{self.cfg.alpha_low:g}, {self.cfg.alpha_high:g}] band at step {step}",
-                        {
-                            "layer": row["layer"],
-                            "alpha": alpha,
-                            "analysed_step": step,
-                            "seconds": time.perf_counter() - started,
-                        },
-                    )
-                )
+            out.extend(self._band(step, row, time.perf_counter() - started))
         return out
 
+    def _band(self, step: int, row: dict[str, Any], seconds: float) -> list[Verdict]:
+        """A verdict when a matrix leaves the alpha band (or is out of it at its first
+        analysis), and an info one when it comes back; nothing while it stays."""
+        alpha, layer = row["alpha"], row["layer"]
+        if not math.isfinite(alpha):
+            return []
+        low, high = self.cfg.alpha_low, self.cfg.alpha_high
+        out, was_out = not low <= alpha <= high, self._out.get(layer, False)
+        self._out[layer] = out
+        data = {
+            "layer": layer,
+            "alpha": alpha,
+            "analysed_step": step,
+            "seconds": seconds,
+            "num_evals": row.get("num_evals"),
+        }
+        if out and not was_out:
+            side = "below" if alpha < low else "above"
+            small = (row.get("num_evals") or 0) < self.cfg.band_min_evals
+            note = " (small matrix: the fit is noisy)" if small else ""
+            return [
+                Verdict(
+                    EventKind.SPECTRA,
+                    Severity.INFO if small else Severity.WARNING,
+                    step,
+                    step,
+                    f"{layer}: alpha {alpha:.2f} is {side} the "
+                    f"[{low:g}, {high:g}] band at step {step}{note}",
+                    {**data, "in_band": False},
+                )
+            ]
+        if was_out and not out:
+            return [
+                Verdict(
+                    EventKind.SPECTRA,
+                    Severity.INFO,
+                    step,
+                    step,
+                    f"{layer}: alpha {alpha:.2f} is back in the band at step {step}",
+                    {**data, "in_band": True},
+                )
+            ]
+        return []
+
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "out_of_band": dict(self._out)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = state["skipped"]
+        self._out = dict(state.get("out_of_band", {}))

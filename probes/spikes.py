@@ -11,8 +11,9 @@ Three rules, each optional, each watching one series (train loss, grad norm):
 A non-finite value is always a critical spike. Outliers are kept out of the windows, so a
 spike does not raise the baseline it is judged against. Each rule fires once per run of
 outliers, with the run's first step as the onset. A series is *in a spike* while any rule
-sees an outlier; ``yoto_*_spikes_total`` counts such episodes and ``yoto_spike_score_ratio``
-is the fraction of the last ``score_window`` steps in which either series was.
+calls it one (the ratio rule only after its patience); ``yoto_*_spikes_total`` counts such
+episodes and ``yoto_spike_score_ratio`` is the fraction of the last ``score_window`` steps
+in which either series was.
 
 Emits (host values, every step):
 
@@ -34,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from yoto import catalog
-from yoto.config import SpikesConfig
+from yoto.config import SeriesSpikeConfig, SpikesConfig
 from yoto.events import EventKind, Severity
 
 from .base import Sample, Verdict
@@ -52,6 +53,9 @@ class _Rule:
     def baseline(self) -> float | None:
         raise NotImplementedError
 
+    def limit(self) -> float | None:
+        return self.baseline()
+
     def is_outlier(self, value: float) -> bool:
         raise NotImplementedError
 
@@ -63,16 +67,18 @@ class _Rule:
         return run_length >= 1
 
     def check(self, step: int, value: float) -> tuple[bool, bool]:
-        outlier = self.is_outlier(value)
-        if not outlier:
+        """(spiking, fire): whether this rule calls the step part of a spike (an outlier
+        run long enough), and whether that starts now (report it once)."""
+        if not self.is_outlier(value):
             self.healthy(value)
             self.run_start, self.fired = None, False
             return False, False
         if self.run_start is None:
             self.run_start = step
-        fire = not self.fired and self.spike_after(step - self.run_start + 1)
+        spiking = self.spike_after(step - self.run_start + 1)
+        fire = spiking and not self.fired
         self.fired = self.fired or fire
-        return True, fire
+        return spiking, fire
 
     def state(self) -> dict[str, Any]:
         return {"run_start": self.run_start, "fired": self.fired}
@@ -84,10 +90,21 @@ class _Rule:
 class SigmaRule(_Rule):
     name = "sigma"
 
-    def __init__(self, k: float, window: int, min_history: int) -> None:
+    def __init__(self, k: float, window: int, min_history: int, log: bool = False) -> None:
         super().__init__()
-        self.k, self.min_history = k, min_history
+        self.k, self.min_history, self.log = k, min_history, log
         self.values: deque[float] = deque(maxlen=window)
+
+    def _t(self, value: float) -> float:
+        return (math.log(value) if value > 0 else -math.inf) if self.log else value
+
+    def check(self, step: int, value: float) -> tuple[bool, bool]:
+        return super().check(step, self._t(value))
+
+    def limit(self) -> float | None:
+        """The threshold in the series' own units."""
+        bound = self.baseline()
+        return None if bound is None else (math.exp(bound) if self.log else bound)
 
     def _stats(self) -> tuple[float, float] | None:
         n = len(self.values)
@@ -102,8 +119,8 @@ class SigmaRule(_Rule):
         return None if stats is None else stats[0] + self.k * stats[1]
 
     def is_outlier(self, value: float) -> bool:
-        limit = self.baseline()
-        return limit is not None and value > limit
+        bound = self.baseline()
+        return bound is not None and value > bound
 
     def healthy(self, value: float) -> None:
         self.values.append(value)
@@ -121,7 +138,7 @@ class RatioRule(SigmaRule):
     name = "ratio"
 
     def __init__(self, ratio: float, window: int, patience: int, min_history: int) -> None:
-        super().__init__(0.0, window, min_history)
+        super().__init__(0.0, window, min_history, log=False)
         self.ratio, self.patience = ratio, patience
 
     def baseline(self) -> float | None:
@@ -170,17 +187,26 @@ class EwmRule(_Rule):
 class SeriesWatch:
     """All enabled rules on one series, plus its episode counter."""
 
-    def __init__(self, key: str, label: str, counter: catalog.Metric, cfg: SpikesConfig) -> None:
+    def __init__(
+        self,
+        key: str,
+        label: str,
+        counter: catalog.Metric,
+        rules: SeriesSpikeConfig,
+        min_history: int,
+    ) -> None:
         self.key, self.label, self.counter = key, label, counter
         self.rules: list[_Rule] = []
-        if cfg.sigma.enabled:
-            self.rules.append(SigmaRule(cfg.sigma.k, cfg.sigma.window, cfg.min_history))
-        if cfg.ratio.enabled:
+        if rules.sigma.enabled:
             self.rules.append(
-                RatioRule(cfg.ratio.ratio, cfg.ratio.window, cfg.ratio.patience, cfg.min_history)
+                SigmaRule(rules.sigma.k, rules.sigma.window, min_history, rules.sigma.log)
             )
-        if cfg.ewm.enabled:
-            self.rules.append(EwmRule(cfg.ewm.span, cfg.ewm.ratio, cfg.min_history))
+        if rules.ratio.enabled:
+            self.rules.append(
+                RatioRule(rules.ratio.ratio, rules.ratio.window, rules.ratio.patience, min_history)
+            )
+        if rules.ewm.enabled:
+            self.rules.append(EwmRule(rules.ewm.span, rules.ewm.ratio, min_history))
         self.episodes = 0
         self.in_spike = False
         self.nonfinite_since: int | None = None
@@ -200,9 +226,9 @@ class SeriesWatch:
             now = False
             self.nonfinite_since = None
             for rule in self.rules:
-                limit = rule.baseline()
-                outlier, fire = rule.check(step, value)
-                now = now or outlier
+                limit = rule.limit()
+                spiking, fire = rule.check(step, value)
+                now = now or spiking
                 if fire:
                     verdicts.append(
                         self._verdict(
@@ -262,8 +288,16 @@ class SpikeDetector:
 
     def __init__(self, cfg: SpikesConfig) -> None:
         self.watches = [
-            SeriesWatch(catalog.TRAIN_LOSS.name, "loss", catalog.LOSS_SPIKES, cfg),
-            SeriesWatch(catalog.GRAD_NORM.name, "grad norm", catalog.GRAD_NORM_SPIKES, cfg),
+            SeriesWatch(
+                catalog.TRAIN_LOSS.name, "loss", catalog.LOSS_SPIKES, cfg.loss, cfg.min_history
+            ),
+            SeriesWatch(
+                catalog.GRAD_NORM.name,
+                "grad norm",
+                catalog.GRAD_NORM_SPIKES,
+                cfg.grad_norm,
+                cfg.min_history,
+            ),
         ]
         self.flags: deque[bool] = deque(maxlen=cfg.score_window)
 

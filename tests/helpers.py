@@ -58,3 +58,26 @@ def train_in_process(root: Path, *args: str, name: str = "t") -> Path:
     assert rc == 0
     new = [p for p in Path(root).iterdir() if p not in before]
     return new[0] if new else Path(args[args.index("--resume") + 1])
+
+
+def make_trainer(root: Path, *overrides: str, probes=(), preset: str = "tiny"):
+    """An in-process Trainer over a fresh run directory, for tests that need to reach
+    inside a real DeepSpeed run (register a hook, add a probe). Returns (trainer, store)."""
+    from yoto.probes.suite import build_runner
+    from yoto.trainer.engine import build_engine
+    from yoto.trainer.loop import Trainer
+    from yoto.trainer.run import prepare
+
+    from yoto.config import load_config
+    from yoto.events import Sinks
+    from yoto.runstore import RunStore
+
+    cfg = load_config(preset=preset, overrides=[*FAST, *overrides])
+    info, _, sampler, val, model = prepare(cfg)
+    engine = build_engine(model, cfg, info)
+    store = RunStore.create(root, "t", cfg.to_yaml())
+    runner = build_runner(cfg)
+    runner.probes.extend(probes)
+    runner.attach(engine.module, engine)
+    trainer = Trainer(cfg, engine, sampler, val, info, Sinks(durable=store), None, runner)
+    return trainer, store

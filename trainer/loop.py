@@ -148,7 +148,7 @@ class Trainer:
         """Verdicts become events (the policy of the interventions issue will act on them);
         records (spectra rows) go to their tables."""
         for v in verdicts:
-            self.event(v.kind, v.severity, v.message, step=v.step, onset=v.onset, **v.data)
+            self.event(v.kind, v.severity, v.message, step=v.step, **{**v.data, "onset": v.onset})
         if self.info.is_main:
             for record in self.runner.take_records():
                 self.sinks.write_records(record.table, self.state.attempt, record.step, record.rows)

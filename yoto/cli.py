@@ -6,6 +6,7 @@
     yoto presets
     yoto runs list [ROOT] [--json]
     yoto runs show RUN_DIR [--json]
+    yoto spectra RUN_DIR --step S [--no-write] [--json]
 
 Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
 printed as one clear message and exit with status 2; nothing else is caught.
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     sub.add_parser("presets", help="list the shipped presets")
+
+    p = sub.add_parser("spectra", help="weightwatcher on a checkpoint's weight matrices")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, required=True, help="a complete checkpoint's step")
+    p.add_argument("--no-write", action="store_true", help="print only; leave spectra/ as is")
+    p.add_argument("--json", action="store_true")
 
     runs = sub.add_parser("runs", help="summarise run directories")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -236,10 +243,33 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spectra(args: argparse.Namespace) -> int:
+    from yoto.trainer.offline import spectra_for_checkpoint
+
+    rows = spectra_for_checkpoint(args.run_dir, args.step, write=not args.no_write)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "esd"} for r in rows], indent=2))
+        return 0
+    print(
+        f"{'layer':24s} {'alpha':>7s} {'alpha_w':>8s} {'stable_rank':>11s} "
+        f"{'log_spec':>9s} {'log_norm':>9s} {'evals':>6s}"
+    )
+    for r in rows:
+        print(
+            f"{r['layer']:24s} {r['alpha']:7.3f} {r['alpha_weighted']:8.3f} "
+            f"{r['stable_rank']:11.3f} {r['log_spectral_norm']:9.3f} {r['log_norm']:9.3f} "
+            f"{int(r['num_evals']):6d}"
+        )
+    if not args.no_write:
+        print(f"written to {Path(args.run_dir) / 'spectra'} (step {args.step})")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "config": cmd_config,
     "presets": cmd_presets,
+    "spectra": cmd_spectra,
 }
 
 

@@ -139,11 +139,13 @@ class LogConfig(Section):
 
 
 class SigmaRuleConfig(Section):
-    """Outlier: value > mean + k * sigma of the window (OLMo-core)."""
+    """Outlier: value > mean + k * sigma of the window (OLMo-core). With ``log`` the rule
+    runs on log(value): multiplicative noise, as grad norms have, then has one sigma."""
 
     enabled: bool = True
     k: float = Field(6.0, gt=0)
     window: int = Field(128, ge=4)
+    log: bool = False
 
 
 class RatioRuleConfig(Section):
@@ -160,16 +162,32 @@ class EwmRuleConfig(Section):
 
     enabled: bool = True
     span: float = Field(9.0, ge=1.0)
-    ratio: float = Field(2.5, gt=1.0)
+    ratio: float = Field(1.5, gt=1.0)
+
+
+class SeriesSpikeConfig(Section):
+    sigma: SigmaRuleConfig = Field(default_factory=SigmaRuleConfig)
+    ratio: RatioRuleConfig = Field(default_factory=RatioRuleConfig)
+    ewm: EwmRuleConfig = Field(default_factory=EwmRuleConfig)
+
+
+def _grad_norm_rules() -> SeriesSpikeConfig:
+    # grad norms are heavy-tailed and multiplicative: judged in log space, with ratios a
+    # clean run does not reach (a real grad spike is orders of magnitude, e.g. BLOOM's
+    # 0.24 -> 960); calibrated on clean tiny runs, where a single step reaches ~4x its mean
+    return SeriesSpikeConfig(
+        sigma=SigmaRuleConfig(log=True),
+        ratio=RatioRuleConfig(ratio=3.0),
+        ewm=EwmRuleConfig(ratio=5.0),
+    )
 
 
 class SpikesConfig(Section):
     enabled: bool = True
     min_history: int = Field(32, ge=2, description="healthy values before a rule may fire")
     score_window: int = Field(100, ge=1, description="steps in yoto_spike_score_ratio")
-    sigma: SigmaRuleConfig = Field(default_factory=SigmaRuleConfig)
-    ratio: RatioRuleConfig = Field(default_factory=RatioRuleConfig)
-    ewm: EwmRuleConfig = Field(default_factory=EwmRuleConfig)
+    loss: SeriesSpikeConfig = Field(default_factory=SeriesSpikeConfig)
+    grad_norm: SeriesSpikeConfig = Field(default_factory=_grad_norm_rules)
 
 
 class GradNoiseConfig(Section):
@@ -203,6 +221,12 @@ class SpectraConfig(Section):
     svd_method: Literal["fast", "accurate"] = "accurate"
     alpha_low: float = Field(2.0, description="below: over-trained / heavy-tailed")
     alpha_high: float = Field(6.0, description="above: under-trained or a bad fit")
+    band_min_evals: int = Field(
+        200,
+        ge=2,
+        description="matrices with fewer eigenvalues leave the band as info, not "
+        "warning: their power-law fits are too noisy to page anyone",
+    )
     end_timeout_seconds: float = Field(
         600.0, ge=0, description="at the end of a run, wait this long for an analysis in flight"
     )

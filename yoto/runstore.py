@@ -234,12 +234,7 @@ class RunStore:
         self, table: str, attempt: int, step: int, rows: list[Mapping[str, Any]]
     ) -> None:
         """Rows of a long table (e.g. spectra/) describing ``step``, written at once."""
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", table) or table in (METRICS, CHECKPOINTS):
-            raise ValueError(f"{table!r} is not a records table name")
-        if not rows:
-            return
-        data = pa.Table.from_pylist([{"attempt": attempt, "step": step, **r} for r in rows])
-        self._write_parquet(table, f"part-a{attempt:04d}-s{step:010d}", data)
+        append_records(self.path, table, attempt, step, rows)
 
     def close(self, status: str) -> None:
         if status not in STATUSES:
@@ -285,21 +280,7 @@ class RunStore:
         self._write_parquet(LAYERS, _segment_stem(attempt[0], step[0], step[-1]), table)
 
     def _write_parquet(self, folder: str, stem: str, table: pa.Table) -> Path:
-        """Atomically add ``folder/stem.parquet``; never overwrite (append-only record)."""
-        directory = self.path / folder
-        directory.mkdir(exist_ok=True)
-        target = directory / f"{stem}.parquet"
-        n = 1
-        while target.exists():
-            target = directory / f"{stem}-{n}.parquet"
-            n += 1
-        tmp = target.with_name(target.name + ".tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(directory)
-        return target
+        return write_parquet(self.path / folder, stem, table)
 
     def _summarise(self, rows: list[dict[str, float]]) -> None:
         summary = self.manifest.setdefault("summary", {})
@@ -326,6 +307,36 @@ class RunStore:
     def _write_manifest(self) -> None:
         self.manifest["updated"] = time.time()
         atomic_write_json(self.path / MANIFEST, self.manifest)
+
+
+def write_parquet(directory: Path, stem: str, table: pa.Table) -> Path:
+    """Atomically add ``directory/stem.parquet``; never overwrite (append-only record)."""
+    directory.mkdir(exist_ok=True)
+    target = directory / f"{stem}.parquet"
+    n = 1
+    while target.exists():
+        target = directory / f"{stem}-{n}.parquet"
+        n += 1
+    tmp = target.with_name(target.name + ".tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(directory)
+    return target
+
+
+def append_records(
+    run_dir: str | Path, table: str, attempt: int, step: int, rows: list[Mapping[str, Any]]
+) -> Path | None:
+    """Add rows describing ``step`` to a long table (spectra/...) of a run directory; also
+    used by offline analyses of a finished run."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", table) or table in (METRICS, LAYERS, CHECKPOINTS):
+        raise ValueError(f"{table!r} is not a records table name")
+    if not rows:
+        return None
+    data = pa.Table.from_pylist([{"attempt": attempt, "step": step, **r} for r in rows])
+    return write_parquet(Path(run_dir) / table, f"part-a{attempt:04d}-s{step:010d}", data)
 
 
 def _segment_stem(attempt: int, first: int, last: int) -> str:

@@ -1,0 +1,173 @@
+"""Step time with the default probe set and cadence vs probes off, on CPU.
+
+Same process, same model and batches, the variants interleaved round by round so noise
+from this shared machine hits all alike. Two shapes: the tiny preset and a wider CPU
+config. Per variant it also counts the host reads of tensor values per step (``.item()``,
+``.tolist()``, ``.cpu()``, ``float()``/``bool()`` of a tensor, ``.numpy()``), the CPU
+stand-in for host-device synchronisations (the GPU script counts real ones with
+``torch.cuda.set_sync_debug_mode``).
+
+The default spectra cadence (every 500 steps) is longer than a round, so its cost is
+measured with a variant analysing every ``--spectra-every`` steps and scaled to 500.
+
+    .venv/bin/python benchmarks/probe_overhead.py [--rounds 6] [--steps 50] [--shapes tiny,wide]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from yoto.probes.suite import build_runner
+from yoto.trainer.engine import build_engine
+from yoto.trainer.loop import Trainer
+from yoto.trainer.run import prepare
+
+from yoto.config import load_config
+from yoto.events import Sinks
+from yoto.runstore import RunStore
+
+COMMON = [
+    "train.batch_warmup.start=null",
+    "data.max_bytes_per_source=4000000",
+    "eval.every=0",
+    "checkpoint.every=0",
+    "log.progress=false",
+    "train.steps=1000000000",  # never the last step: no end-of-run work inside the timing
+]
+SHAPES = {
+    "tiny": [],
+    "wide": [
+        "model.n_layer=8",
+        "model.d_model=256",
+        "model.n_head=8",
+        "model.seq_len=256",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=8",
+    ],
+}
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__")
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: Counter) -> Iterator[None]:
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def wrap(name: str, fn):
+        def counted(self, *args, **kwargs):
+            counts[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def make(shape: list[str], variant: list[str], root: str) -> Trainer:
+    cfg = load_config(preset="tiny", overrides=[*COMMON, *shape, *variant])
+    info, _, sampler, val, model = prepare(cfg)
+    engine = build_engine(model, cfg, info)
+    runner = build_runner(cfg)
+    runner.attach(engine.module, engine)
+    store = RunStore.create(root, "bench", cfg.to_yaml())
+    return Trainer(cfg, engine, sampler, val, info, Sinks(durable=store), None, runner)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        help="steps per variant per round (>= the layer-statistics cadence)",
+    )
+    ap.add_argument("--warmup", type=int, default=55)
+    ap.add_argument("--spectra-every", type=int, default=40)
+    ap.add_argument("--shapes", default="tiny,wide")
+    args = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="yoto-probe-bench-")
+    report = {}
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        variants = {
+            "probes_off": ["probes.enabled=false"],
+            "default": [],
+            f"spectra_every_{args.spectra_every}": [f"probes.spectra.every={args.spectra_every}"],
+        }
+        trainers = {name: make(shape, v, root) for name, v in variants.items()}
+        for trainer in trainers.values():  # warm-up, not measured: one-time costs (lazy
+            for _ in range(args.warmup):  # imports, the spectra worker's start) stay out
+                trainer.step_once()
+        times: dict[str, list[float]] = {name: [] for name in trainers}
+        reads: dict[str, Counter] = {name: Counter() for name in trainers}
+        steps: Counter = Counter()
+        for r in range(args.rounds):
+            order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
+            for name in order:
+                trainer = trainers[name]
+                with counting_host_reads(reads[name]):
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        trainer.step_once()
+                    times[name].append((time.perf_counter() - start) / args.steps)
+                steps[name] += args.steps
+        # a round spans the probes' cadence, so its mean step time includes their periodic
+        # work; the median over rounds resists the machine's noise
+        med = {name: statistics.median(v) for name, v in times.items()}
+        mean = med
+        base = mean["probes_off"]
+        spectra_name = f"spectra_every_{args.spectra_every}"
+        # one analysis per `spectra_every` steps costs (mean difference x spectra_every);
+        # at the default cadence of 500 that cost is spread over 500 steps
+        per_analysis = (mean[spectra_name] - mean["default"]) * args.spectra_every
+        spectra_at_500 = max(0.0, per_analysis) / 500
+        overhead_default = mean["default"] / base - 1
+        print(
+            f"\n== {shape_name}: {args.rounds} rounds x {args.steps} steps per variant, "
+            f"{torch.get_num_threads()} threads"
+        )
+        print(
+            f"{'variant':22s} {'ms/step':>9s} {'min':>8s} {'max':>8s} {'vs off':>8s} "
+            f"{'host reads/step':>16s}"
+        )
+        for name in trainers:
+            per_step = sum(reads[name].values()) / steps[name]
+            print(
+                f"{name:22s} {med[name] * 1e3:9.2f} {min(times[name]) * 1e3:8.2f} "
+                f"{max(times[name]) * 1e3:8.2f} {med[name] / base:8.3f} {per_step:16.2f}  "
+                f"{dict(reads[name])}"
+            )
+        print(
+            f"spectra: {per_analysis * 1e3:.0f} ms of training time per analysis; at the "
+            f"default cadence (500 steps) {spectra_at_500 / base * 100:.2f}% per step"
+        )
+        total = overhead_default + spectra_at_500 / base
+        print(f"default probe set, amortised: {total * 100:+.2f}% step time vs probes off")
+        report[shape_name] = {
+            "median_round_step_seconds": med,
+            "overhead_default_excluding_spectra": overhead_default,
+            "spectra_seconds_per_analysis": per_analysis,
+            "overhead_default_amortised": total,
+            "host_reads_per_step": {n: sum(c.values()) / steps[n] for n, c in reads.items()},
+        }
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
