@@ -173,13 +173,19 @@ class LayerStatsProbe:
             if self._grad_norms is not None and self._grad_norms[i] is not None:
                 samples.append(Sample(catalog.LAYER_GRAD_NORM.name, self._grad_norms[i], label))
             if self._before is not None:
+                # each tensor's sampled sums scaled up to its size: estimates of the full sums
+                weights = [
+                    p.numel() / b.numel() for p, b in zip(params, self._before[i], strict=True)
+                ]
                 delta = torch.stack(
                     [
-                        (self._sampled(p) - b).pow(2).sum()
-                        for p, b in zip(params, self._before[i], strict=True)
+                        (self._sampled(p) - b).pow(2).sum() * w
+                        for p, b, w in zip(params, self._before[i], weights, strict=True)
                     ]
                 )
-                base = torch.stack([b.pow(2).sum() for b in self._before[i]])
+                base = torch.stack(
+                    [b.pow(2).sum() * w for b, w in zip(self._before[i], weights, strict=True)]
+                )
                 samples.append(
                     Sample(
                         catalog.LAYER_UPDATE_RATIO.name,

@@ -31,6 +31,11 @@ from .base import (
 )
 
 
+def _take_hook_error(probe: Probe) -> BaseException | None:
+    guard = getattr(probe, "guard", None)
+    return guard.take() if guard is not None else None
+
+
 class ProbeRunner:
     """Collects :class:`Sample` objects during a step; :meth:`flush` returns them as
     ``{series key: float}`` after a single device-to-host copy of all tensor values.
@@ -99,20 +104,26 @@ class ProbeRunner:
             self._guarded(probe, lambda p=probe: self._collect(p, p.on_micro_step(ctx)))
 
     def on_step(self, ctx: StepContext) -> None:
+        """A probe's step succeeds when neither its hooks nor its ``on_step`` raised; only
+        then does its run of failures end. A probe whose hooks failed is not asked for
+        samples (its accumulators may be half-filled)."""
         for probe in self._live(ctx.step):
-            self._guarded(probe, lambda p=probe: self._collect(p, p.on_step(ctx)))
-        for probe in self.probes:  # errors raised inside hooks during this step
-            guard = getattr(probe, "guard", None)
-            error = guard.take() if guard is not None else None
+            hook_error = _take_hook_error(probe)
+            if hook_error is not None:
+                self._failed(probe, hook_error)
+                continue
+            if self._guarded(probe, lambda p=probe: self._collect(p, p.on_step(ctx))):
+                self.failures[probe.name] = 0
+        for probe in self.probes:  # hook errors of probes that were not live this step
+            error = _take_hook_error(probe)
             if error is not None and probe.name not in self.disabled:
                 self._failed(probe, error)
 
-    def _collect(self, probe: Probe, items: Iterable[Sample | Verdict]) -> None:
+    def _collect(self, probe: Probe, items: Iterable[Sample | Verdict | Record]) -> None:
         items = list(items)  # a generator raising half-way drops all of its samples
         self.extend(i for i in items if isinstance(i, Sample))
         self._verdicts.extend(i for i in items if isinstance(i, Verdict))
         self._records.extend(i for i in items if isinstance(i, Record))
-        self.failures[probe.name] = 0
 
     def finish(self, timeout: float | None) -> None:
         """End of a run: probes with work in flight (spectra) may hand it in now."""
@@ -125,11 +136,13 @@ class ProbeRunner:
         records, self._records = self._records, []
         return records
 
-    def _guarded(self, probe: Probe, call: Callable[[], Any]) -> None:
+    def _guarded(self, probe: Probe, call: Callable[[], Any]) -> bool:
         try:
             call()
         except Exception as exc:
             self._failed(probe, exc)
+            return False
+        return True
 
     def _failed(self, probe: Probe, exc: BaseException) -> None:
         count = self.failures.get(probe.name, 0) + 1

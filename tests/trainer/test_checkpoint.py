@@ -85,7 +85,7 @@ def test_prune_keeps_last_k_and_protected(tmp_path: Path) -> None:
 
 def test_fixture_run_checkpoints_are_complete_and_pruned(trained_run: Path) -> None:
     ckpts = list_checkpoints(trained_run / runstore.CHECKPOINTS)
-    assert [c.step for c in ckpts] == [100, 200, 300]  # every 100, keep_last 3
+    assert [c.step for c in ckpts] == [300, 400, 500]  # every 100, keep_last 3
     assert all(verify(c) is None for c in ckpts)
     files = set(json.loads((ckpts[-1].path / "COMPLETE").read_text())["files"])
     assert {"mp_rank_00_model_states.pt", "yoto-rank00000.pt"} <= files

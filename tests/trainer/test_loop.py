@@ -39,7 +39,7 @@ def test_tiny_preset_learns_and_records_val_loss_per_source(trained_run: Path) -
     for source in ("code", "prose"):
         key = catalog.VAL_LOSS.key(source=source)
         vals = [(s, v) for s, v in zip(t["step"], t[key], strict=True) if v is not None]
-        assert [s for s, _ in vals] == [50, 100, 150, 200, 250, 300]
+        assert [s for s, _ in vals] == list(range(50, 501, 50))
         assert vals[-1][1] < vals[0][1] and all(math.isfinite(v) for _, v in vals)
     for name in (
         GNORM,
@@ -130,32 +130,32 @@ def test_resume_is_bit_exact(tmp_path: Path, variant: list[str]) -> None:
 
 
 def test_corrupt_newest_checkpoint_is_skipped_and_replay_is_a_new_attempt(run_copy: Path) -> None:
-    newest = run_copy / "checkpoints" / "step-300" / "mp_rank_00_model_states.pt"
+    newest = run_copy / "checkpoints" / "step-500" / "mp_rank_00_model_states.pt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01
     newest.write_bytes(bytes(data))
-    (run_copy / "checkpoints" / "step-200" / "COMPLETE").unlink()
+    (run_copy / "checkpoints" / "step-400" / "COMPLETE").unlink()
     train_in_process(
         run_copy.parent,
         "--resume",
         str(run_copy),
         "--set",
-        "train.steps=105",
+        "train.steps=305",
         "--set",
-        "optim.decay_steps=300",  # the original schedule
+        "optim.decay_steps=500",  # the original schedule
         "--set",
         "eval.every=0",
     )
     events = runstore.read_events(run_copy)
     skipped = [e for e in events if e["data"].get("rejected") is True]
-    assert [e["data"]["checkpoint"] for e in skipped] == ["step-300", "step-200"]
+    assert [e["data"]["checkpoint"] for e in skipped] == ["step-500", "step-400"]
     assert "sha256" in skipped[0]["message"] and "COMPLETE" in skipped[1]["message"]
     resume = [e for e in events if e["kind"] == "resume"][-1]
-    assert resume["data"]["checkpoint"] == "step-100" and resume["attempt"] == 1
+    assert resume["data"]["checkpoint"] == "step-300" and resume["attempt"] == 1
     assert resume["data"]["replayed_steps"] == 200
     before, after = losses_by_step(run_copy, 0), losses_by_step(run_copy, 1)
-    assert sorted(after) == list(range(101, 106))
-    # the replay from step-100 reproduces the original branch exactly
+    assert sorted(after) == list(range(301, 306))
+    # the replay from step-300 reproduces the original branch exactly
     assert all(after[s] == before[s] for s in after)
 
 
@@ -252,7 +252,7 @@ def test_resume_on_changed_data_is_refused_and_the_run_kept(run_copy: Path, caps
     assert "yoto: error: the training data differ from the checkpoint's" in err
     after = runstore.read_manifest(run_copy)
     assert after["status"] == before["status"] == "finished"
-    assert runstore.read_metrics(run_copy).num_rows == 300  # nothing lost or added
-    assert [c.step for c in runstore.list_checkpoints(run_copy / "checkpoints")] == [100, 200, 300]
+    assert runstore.read_metrics(run_copy).num_rows == 500  # nothing lost or added
+    assert [c.step for c in runstore.list_checkpoints(run_copy / "checkpoints")] == [300, 400, 500]
     last = runstore.read_events(run_copy)[-1]
     assert last["kind"] == "end" and last["message"].startswith("resume refused")

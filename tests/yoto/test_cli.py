@@ -19,17 +19,17 @@ def test_runs_list_and_show(trained_run: Path, capsys) -> None:
     assert rc == 0
     header, row = out.splitlines()[:2]
     assert header.split()[:4] == ["RUN", "STATUS", "STEP", "TOKENS"]
-    assert trained_run.name in row and "finished" in row and " 300 " in row
+    assert trained_run.name in row and "finished" in row and " 500 " in row
 
     rc, out, _ = run_cli(capsys, "runs", "show", str(trained_run))
     assert rc == 0
     assert "status   finished" in out and "val      code" in out and "val      prose" in out
-    assert "checkpoints step-100, step-200, step-300" in out
+    assert "checkpoints step-300, step-400, step-500" in out
 
     rc, out, _ = run_cli(capsys, "runs", "show", str(trained_run), "--json")
     info = json.loads(out)
-    assert info["summary"]["last_step"] == 300 and info["manifest"]["world_size"] == 1
-    assert {c["step"] for c in info["checkpoints"]} == {100, 200, 300}
+    assert info["summary"]["last_step"] == 500 and info["manifest"]["world_size"] == 1
+    assert {c["step"] for c in info["checkpoints"]} == {300, 400, 500}
     rc, out, _ = run_cli(capsys, "runs", "list", str(trained_run.parent), "--json")
     assert json.loads(out)[0]["status"] == "finished"
 
