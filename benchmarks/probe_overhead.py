@@ -16,33 +16,16 @@ measured with a variant analysing every ``--spectra-every`` steps and scaled to 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import torch
-from yoto.probes.suite import build_runner
-from yoto.trainer.engine import build_engine
-from yoto.trainer.loop import Trainer
-from yoto.trainer.run import prepare
+from _common import counting_host_reads, make_trainer
 
-from yoto.config import load_config
-from yoto.events import Sinks
-from yoto.runstore import RunStore
-
-COMMON = [
-    "train.batch_warmup.start=null",
-    "data.max_bytes_per_source=4000000",
-    "eval.every=0",
-    "checkpoint.every=0",
-    "log.progress=false",
-    "train.steps=1000000000",  # never the last step: no end-of-run work inside the timing
-]
 SHAPES = {
     "tiny": [],
     "wide": [
@@ -54,37 +37,10 @@ SHAPES = {
         "train.global_batch_size=8",
     ],
 }
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__")
 
 
-@contextlib.contextmanager
-def counting_host_reads(counts: Counter) -> Iterator[None]:
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(name: str, fn):
-        def counted(self, *args, **kwargs):
-            counts[name] += 1
-            return fn(self, *args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
-
-
-def make(shape: list[str], variant: list[str], root: str) -> Trainer:
-    cfg = load_config(preset="tiny", overrides=[*COMMON, *shape, *variant])
-    info, _, sampler, val, model = prepare(cfg)
-    engine = build_engine(model, cfg, info)
-    runner = build_runner(cfg)
-    runner.attach(engine.module, engine)
-    store = RunStore.create(root, "bench", cfg.to_yaml())
-    return Trainer(cfg, engine, sampler, val, info, Sinks(durable=store), None, runner)
+def make(shape: list[str], variant: list[str], root: str):
+    return make_trainer("tiny", [*shape, *variant], root)
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ stops buying proportionally faster progress. Two batch sizes give unbiased estim
     |G|^2   ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
     tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)
 
-Here the *small* batch is one micro-batch on one rank: parameter hooks add each
+Here the *small* batch is one micro-batch on one rank: gradient hooks add each
 micro-batch's squared gradient norm on the device, before DeepSpeed accumulates or reduces
 anything, and the step uses the mean over its micro-batches and ranks. The *big* batch is
 the global batch, whose (pre-clipping, unscaled) norm the engine computes. The hooks see
@@ -33,11 +33,12 @@ Emits (every ``probes.grad_noise.every`` steps):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import register_multi_grad_hook
 
 from yoto import catalog
 from yoto.config import GradNoiseConfig
@@ -140,6 +141,22 @@ class NoiseScaleEstimator:
         self._weight = torch.tensor(state["weight"], **kw)
 
 
+def parameter_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """Trainable parameters grouped by top-level module (each element of a ModuleList,
+    i.e. each transformer block, on its own); a tied parameter appears once."""
+    seen: set[int] = set()
+    groups = []
+    for child in model.children():
+        parts = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+        for part in parts:
+            group = [p for p in part.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in group)
+            if group:
+                groups.append(group)
+    rest = [p for p in model.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+    return groups + ([rest] if rest else [])
+
+
 class GradNoiseProbe:
     """Feeds :class:`NoiseScaleEstimator` from DeepSpeed; see the module docstring."""
 
@@ -166,12 +183,11 @@ class GradNoiseProbe:
     def attach(self, model: torch.nn.Module, engine: Any) -> None:
         if self.zero_stage >= 3:
             return
-        seen: set[int] = set()
-        for p in model.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                self._device = p.device
-                self._handles.append(p.register_hook(self._hook))
+        for group in parameter_groups(model):
+            self._device = group[0].device
+            # one Python call per block and backward, one fused norm kernel for its grads;
+            # a block's grads are held only until its last one is computed
+            self._handles.append(register_multi_grad_hook(group, self._hook, mode="all"))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -181,14 +197,14 @@ class GradNoiseProbe:
     def active(self, step: int) -> None:
         self._on = step > 0
 
-    def _hook(self, grad: torch.Tensor) -> None:
+    def _hook(self, grads: Sequence[torch.Tensor | None]) -> None:
         if self._on:
-            self.guard.run(self._accumulate, grad)
+            self.guard.run(self._accumulate, grads)
 
-    def _accumulate(self, grad: torch.Tensor) -> None:
-        # one kernel per parameter, no fp32 copy of a low-precision grad; squared and
-        # summed once per micro-batch
-        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+    def _accumulate(self, grads: Sequence[torch.Tensor | None]) -> None:
+        present = [g.detach() for g in grads if g is not None]
+        if present:
+            self._norms.extend(torch._foreach_norm(present, 2, dtype=torch.float32))
 
     # probe protocol
 

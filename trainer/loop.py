@@ -1,20 +1,23 @@
 """The training loop.
 
-One optimizer step, in order, and where each hook fires (DESIGN.md "One step")::
+One optimizer step (``Trainer.step_once``), in order, and where each hook fires (DESIGN.md
+"One step")::
 
     bs = ramp.size_at(tokens)               batch-size warmup -> engine.set_train_batch_size
     lr = learning_rate(step)                set on the optimizer's param groups
+    runner.begin_step(step)                 <- hook-based probes arm (or stay idle)
     windows = sampler.next_global_batch(bs) deterministic, resumable, skippable
     for micro in range(gas):
-        loss = engine(x, y)
-        engine.backward(loss)
-        probes.on_micro_step(ctx)           <- micro-batch hooks (tensors stay on device)
+        loss = engine(x, y)                 forward hooks (activations) on probe steps only
+        engine.backward(loss)               param hooks (micro-batch grad norms) on device
+        runner.on_micro_step(ctx)           <- micro-batch hook
         engine.step()                       DeepSpeed applies the update at the boundary
-    probes.on_step(ctx)                     <- step hooks
+    runner.on_step(ctx)                     <- step hook: probes return device tensors
     values = runner.flush()                 ONE device->host transfer for the step
-    (detectors -> policy -> apply: the probes and interventions issues)
-    sinks.write_step(values)                run directory (+ live exporters)
     evaluate (every eval.every steps)       per-source validation loss, its own flush
+    verdicts = runner.detect(values)        host-side detectors: spikes, overflow, ...
+    (policy -> apply: the interventions issue; today every verdict is an event)
+    sinks.write_step(values)                run directory (+ live exporters)
     checkpoint (every checkpoint.every)     DeepSpeed save; COMPLETE sealed in background
 
 Every rank runs the same code; rank 0 alone writes through the sinks. Decisions that all
