@@ -117,10 +117,17 @@ def _single_threaded_children() -> Iterator[None]:
 
 
 def _background_worker() -> None:
-    """Worker initializer: yield the CPU to the training ranks."""
+    """Worker initializer: yield the CPU to the training ranks, and die with the trainer
+    (a SIGKILLed or crashed trainer cannot shut its pool down)."""
     with contextlib.suppress(OSError):
         os.nice(10)
     torch.set_num_threads(1)
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 class SpectraProbe:
