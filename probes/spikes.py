@@ -194,6 +194,7 @@ class SeriesWatch:
         counter: catalog.Metric,
         rules: SeriesSpikeConfig,
         min_history: int,
+        persistent_steps: int = 5,
     ) -> None:
         self.key, self.label, self.counter = key, label, counter
         self.rules: list[_Rule] = []
@@ -210,6 +211,8 @@ class SeriesWatch:
         self.episodes = 0
         self.in_spike = False
         self.nonfinite_since: int | None = None
+        self.episode_start = 0
+        self.persistent_steps = persistent_steps
 
     def observe(self, step: int, value: float | None) -> list[Verdict]:
         if value is None:  # e.g. no grad norm on this engine path
@@ -237,6 +240,26 @@ class SeriesWatch:
                     )
         if now and not self.in_spike:
             self.episodes += 1
+            self.episode_start = step
+        if now and step - self.episode_start + 1 == self.persistent_steps:
+            verdicts.append(
+                Verdict(
+                    EventKind.SPIKE,
+                    Severity.CRITICAL,
+                    step,
+                    self.episode_start,
+                    f"{self.label} spike persists: {self.persistent_steps} steps since step "
+                    f"{self.episode_start} (now {value:.4g})",
+                    {
+                        "series": self.label,
+                        "metric": self.key,
+                        "rule": "persistent",
+                        "value": value,
+                        "onset": self.episode_start,
+                        "persistent": True,
+                    },
+                )
+            )
         self.in_spike = now
         return verdicts
 
@@ -272,6 +295,7 @@ class SeriesWatch:
             "episodes": self.episodes,
             "in_spike": self.in_spike,
             "nonfinite_since": self.nonfinite_since,
+            "episode_start": self.episode_start,
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -279,6 +303,7 @@ class SeriesWatch:
             rule.load(saved)
         self.episodes, self.in_spike = state["episodes"], state["in_spike"]
         self.nonfinite_since = state["nonfinite_since"]
+        self.episode_start = state.get("episode_start", 0)
 
 
 class SpikeDetector:
@@ -289,7 +314,12 @@ class SpikeDetector:
     def __init__(self, cfg: SpikesConfig) -> None:
         self.watches = [
             SeriesWatch(
-                catalog.TRAIN_LOSS.name, "loss", catalog.LOSS_SPIKES, cfg.loss, cfg.min_history
+                catalog.TRAIN_LOSS.name,
+                "loss",
+                catalog.LOSS_SPIKES,
+                cfg.loss,
+                cfg.min_history,
+                cfg.persistent_steps,
             ),
             SeriesWatch(
                 catalog.GRAD_NORM.name,
@@ -297,6 +327,7 @@ class SpikeDetector:
                 catalog.GRAD_NORM_SPIKES,
                 cfg.grad_norm,
                 cfg.min_history,
+                cfg.persistent_steps,
             ),
         ]
         self.flags: deque[bool] = deque(maxlen=cfg.score_window)

@@ -64,6 +64,7 @@ def make_trainer(root: Path, *overrides: str, probes=(), preset: str = "tiny"):
     """An in-process Trainer over a fresh run directory, for tests that need to reach
     inside a real DeepSpeed run (register a hook, add a probe). Returns (trainer, store)."""
     from yoto.probes.suite import build_runner
+    from yoto.trainer.checkpoint import Checkpointer
     from yoto.trainer.engine import build_engine
     from yoto.trainer.loop import Trainer
     from yoto.trainer.run import prepare
@@ -79,5 +80,6 @@ def make_trainer(root: Path, *overrides: str, probes=(), preset: str = "tiny"):
     runner = build_runner(cfg)
     runner.probes.extend(probes)
     runner.attach(engine.module, engine)
-    trainer = Trainer(cfg, engine, sampler, val, info, Sinks(durable=store), None, runner)
+    checkpointer = Checkpointer(store.path / "checkpoints", cfg.checkpoint.keep_last, info.rank)
+    trainer = Trainer(cfg, engine, sampler, val, info, Sinks(durable=store), checkpointer, runner)
     return trainer, store

@@ -3,8 +3,9 @@
 One optimizer step (``Trainer.step_once``), in order, and where each hook fires (DESIGN.md
 "One step")::
 
-    bs = ramp.size_at(tokens)               batch-size warmup -> engine.set_train_batch_size
-    lr = learning_rate(step)                set on the optimizer's param groups
+    bs = batch.size(step, tokens, B_noise)  warmup ramp / adaptive -> engine.set_train_batch_size
+    faults.begin_step(step)                 injected faults (tests, demos) fire here
+    lr = learning_rate(step) x factors      batch scaling, cooldown, injected LR spike
     runner.begin_step(step)                 <- hook-based probes arm (or stay idle)
     windows = sampler.next_global_batch(bs) deterministic, resumable, skippable
     for micro in range(gas):
@@ -16,12 +17,14 @@ One optimizer step (``Trainer.step_once``), in order, and where each hook fires 
     values = runner.flush()                 ONE device->host transfer for the step
     evaluate (every eval.every steps)       per-source validation loss, its own flush
     verdicts = runner.detect(values)        host-side detectors: spikes, overflow, ...
-    (policy -> apply: the interventions issue; today every verdict is an event)
+    decision = agree(policy(verdicts))      one action, the same on every rank
     sinks.write_step(values)                run directory (+ live exporters)
+    apply(decision)                         alert / rollback / LR cooldown / batch / halt
     checkpoint (every checkpoint.every)     DeepSpeed save; COMPLETE sealed in background
 
 Every rank runs the same code; rank 0 alone writes through the sinks. Decisions that all
-ranks must share (stop now) travel in a control tensor all-reduced with the loss.
+ranks must share travel with collectives: the stop flag in a control tensor all-reduced
+with the loss, the policy's action broadcast from rank 0 (only when there are several).
 """
 
 from __future__ import annotations
@@ -40,11 +43,15 @@ from yoto.events import Event, EventKind, Severity, Sinks
 
 from . import distributed
 from . import engine as eng
+from .batch_control import BatchController
 from .checkpoint import CheckpointDir, Checkpointer
 from .distributed import DistInfo
+from .faults import FaultInjector
+from .policy import Action, Decision, Policy, agree
 from .progress import Progress
+from .rollback import RunState, find_good_checkpoint, rollback
 from .sampler import Sampler
-from .schedule import BatchRamp, learning_rate
+from .schedule import learning_rate
 
 
 @dataclass
@@ -77,15 +84,14 @@ class Trainer:
         self.state = TrainState()
         self.stop_requested = False  # set by a signal handler; agreed by all ranks
         self.own_clipping = eng.own_clipping(cfg)
-        granularity = cfg.train.micro_batch_size * info.world
-        warm = cfg.train.batch_warmup
-        self.ramp = (
-            BatchRamp(warm.start, cfg.train.global_batch_size, warm.tokens, granularity)
-            if warm.start is not None
-            else BatchRamp.constant(cfg.train.global_batch_size, granularity)
-        )
+        self.batch = BatchController(cfg.train, info.world)
+        self.policy = Policy(cfg.policy)
+        self.faults = FaultInjector(cfg.faults, info.rank, cfg.train.precision)
+        self.run = RunState()  # the run's own state: survives rollbacks
         self._last_saved_step = -1
         self.verdicts: list[Verdict] = []  # of the last step
+        self.decision = Decision(Action.NONE)  # of the last step
+        self.b_noise: float | None = None  # latest gradient noise scale, sequences
 
     # --- events ---------------------------------------------------------------------------
 
@@ -111,6 +117,9 @@ class Trainer:
         self._start_batch_schedule()
         while self.state.step < cfg.train.steps:
             values, stop = self.step_once()
+            if self.run.halted:
+                status = "halted"
+                break
             if self.info.is_main:
                 progress.update(
                     self.state.step,
@@ -125,8 +134,8 @@ class Trainer:
             if stop:
                 status = "interrupted"
                 break
-        if self._last_saved_step != self.state.step:
-            self.save_checkpoint()
+        if status != "halted" and self._last_saved_step != self.state.step:
+            self.save_checkpoint()  # a halted run keeps its last good checkpoint instead
         self.finish_checkpoints()
         return status
 
@@ -142,14 +151,86 @@ class Trainer:
         if last or stop:  # work still in flight (spectra) is handed in with the last row
             self.runner.finish(0.0 if stop else cfg.probes.spectra.end_timeout_seconds)
             values.update(self.runner.flush()[0])
-        self.verdicts = self.runner.detect(self.state.step, values)
+        step = self.state.step
+        self.verdicts = self.runner.detect(step, values)
+        self.b_noise = values.get(catalog.GRADIENT_NOISE_SCALE.name, self.b_noise)
+        self.run.observe(step, self.verdicts)
+        self.decision = agree(
+            self.policy.decide(step, self.verdicts, self.run.rollbacks),
+            self.info.world,
+            self.info.device,
+        )
         self._record(self.verdicts)
-        self.sinks.write_step(self.state.attempt, self.state.step, values)
+        values.update(self._intervention_values())
+        self.sinks.write_step(self.state.attempt, step, values)
+        self.apply(self.decision)
         return values, stop
 
+    def _intervention_values(self) -> dict[str, float]:
+        run = self.run
+        return {
+            catalog.ROLLBACKS.name: float(
+                len(run.rollbacks) + (self.decision.action == Action.ROLLBACK)
+            ),
+            catalog.SKIPPED_BATCHES.name: float(run.skipped_batches),
+            catalog.BATCH_SIZE_CHANGES.name: float(run.batch_size_changes),
+            catalog.FAULTS_INJECTED.name: float(run.faults_injected),
+            catalog.HALTED.name: float(self.decision.action == Action.HALT),
+        }
+
+    # --- interventions --------------------------------------------------------------------
+
+    def apply(self, decision: Decision) -> None:
+        """Carry out the step's agreed decision (every rank does the same)."""
+        action, step = decision.action, self.state.step
+        if action >= Action.ALERT:
+            self.event(
+                EventKind.ALERT,
+                Severity.WARNING if action < Action.ROLLBACK else Severity.CRITICAL,
+                f"{decision.reason} at step {decision.onset}: {decision.message}; "
+                f"action: {action.name.lower()}",
+                action=action.name.lower(),
+                reason=decision.reason,
+                onset=decision.onset,
+            )
+        if action == Action.ROLLBACK and not rollback(self, decision):
+            decision = Decision(
+                Action.HALT,
+                "no_checkpoint",
+                decision.onset,
+                decision.message,
+                "no good checkpoint precedes the onset by "
+                f"{self.cfg.policy.rollback.min_distance} steps",
+            )
+            action = Action.HALT
+        if action == Action.HALT:
+            self.run.halted = True
+            self.event(
+                EventKind.HALT,
+                Severity.CRITICAL,
+                f"run halted at step {step}: {decision.reason}. {decision.advice}",
+                reason=decision.reason,
+                advice=decision.advice,
+                onset=decision.onset,
+            )
+        elif action == Action.LR_COOLDOWN:
+            rb = self.cfg.policy.rollback
+            self.run.lr_scale = rb.lr_cooldown_factor if rb.lr_cooldown_factor < 1 else 0.5
+            self.run.lr_scale_until = step + max(1, rb.lr_cooldown_steps or 100)
+            self.event(
+                EventKind.LR_COOLDOWN,
+                Severity.WARNING,
+                f"LR x {self.run.lr_scale:g} until step {self.run.lr_scale_until}",
+                factor=self.run.lr_scale,
+                until=self.run.lr_scale_until,
+                reason=decision.reason,
+            )
+        elif action == Action.BATCH_SIZE:
+            self.batch.bump(2.0, step)
+
     def _record(self, verdicts: list[Verdict]) -> None:
-        """Verdicts become events (the policy of the interventions issue will act on them);
-        records (spectra rows) go to their tables."""
+        """Every verdict becomes an event (whatever the policy decided about it); records
+        (spectra rows) go to their tables."""
         for v in verdicts:
             self.event(v.kind, v.severity, v.message, step=v.step, **{**v.data, "onset": v.onset})
         if self.info.is_main:
@@ -161,10 +242,10 @@ class Trainer:
     def _start_batch_schedule(self) -> None:
         """Put the engine on the schedule's batch for the current position, silently; only
         later changes are events."""
-        ramp, engine = self.ramp, self.engine
-        size = ramp.size_at(self.state.tokens)
-        if size != engine.train_batch_size():
-            engine.set_train_batch_size(size)
+        size, _ = self.batch.size(self.state.step + 1, self.state.tokens, self.b_noise)
+        if size != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(size)
+        ramp = self.batch.ramp
         if self.state.step == 0 and size != ramp.target:
             self.event(
                 EventKind.BATCH_SIZE,
@@ -180,23 +261,46 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, float], bool]:
         cfg, engine, info, s = self.cfg, self.engine, self.info, self.state
         started = time.perf_counter()
-        batch_size = self.ramp.size_at(s.tokens)
+        step = s.step + 1
+        batch_size, why = self.batch.size(step, s.tokens, self.b_noise)
         if batch_size != engine.train_batch_size():
             previous = engine.train_batch_size()
             engine.set_train_batch_size(batch_size)
+            self.run.batch_size_changes += 1
             self.event(
                 EventKind.BATCH_SIZE,
                 Severity.INFO,
-                f"global batch {previous} -> {batch_size} sequences (warmup)",
+                f"global batch {previous} -> {batch_size} sequences ({why or 'policy'})",
                 previous=previous,
                 new=batch_size,
-                reason="warmup",
+                reason=why or "policy",
                 tokens=batch_size * cfg.model.seq_len,
+                b_noise=self.b_noise,
             )
-        lr = learning_rate(s.step, cfg.optim, cfg.train.steps)
+        position = self.sampler.position
+        self.run.record_position(step, position)
+        for fault in self.faults.begin_step(step, engine.module, position, batch_size):
+            self.run.faults_injected += 1
+            self.event(
+                EventKind.FAULT_INJECTED,
+                Severity.WARNING,
+                f"fault injected: {fault.kind} at step {step}",
+                kind=fault.kind,
+                rank=fault.rank,
+                factor=fault.factor,
+                steps=fault.steps,
+                layer=fault.layer,
+                sampler_position=position,
+            )
+        lr = (
+            learning_rate(s.step, cfg.optim, cfg.train.steps)
+            * self.batch.lr_factor()
+            * self.run.lr_factor(step)
+            * self.faults.lr_factor()
+        )
         eng.set_lr(engine, lr)
 
-        self.runner.begin_step(s.step + 1)
+        self.runner.begin_step(step)
         windows = self.sampler.next_global_batch(batch_size)
         n_micro = engine.gradient_accumulation_steps()
         loss_sum = torch.zeros((), device=info.device)
@@ -205,16 +309,21 @@ class Trainer:
             tokens = self.sampler.micro_batch(
                 windows, micro, info.rank, info.world, cfg.train.micro_batch_size
             )
-            tokens = tokens.to(info.device, non_blocking=True)
+            first = position + (micro * info.world + info.rank) * cfg.train.micro_batch_size
+            tokens = self.faults.corrupt(tokens, first).to(info.device, non_blocking=True)
             # explicit: DeepSpeed's own micro-step counter goes out of phase when the
             # accumulation count changes (batch warmup)
             boundary = micro == n_micro - 1
             engine.set_gradient_accumulation_boundary(boundary)
             loss = engine(tokens[:, :-1], tokens[:, 1:])
+            loss = loss * self.faults.loss_factor() if self.faults.faults else loss
+            poison = self.faults.poison_grads(engine.module) if self.faults.faults else None
             engine.backward(loss)
+            if poison is not None:
+                poison.remove()
             loss_sum += loss.detach().float()
             self.runner.on_micro_step(
-                MicroStepContext(s.step + 1, micro, n_micro, loss.detach(), tokens, engine)
+                MicroStepContext(step, micro, n_micro, loss.detach(), tokens, engine)
             )
             if boundary and self.own_clipping:
                 grad_norm = eng.clip_own(engine, cfg.optim.grad_clip)
@@ -309,22 +418,36 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "probes": self.runner.state_dict(),
                 "batch_size": self.engine.train_batch_size(),
+                # the run's own state: read back on resume, never by a rollback
+                "run": self.run.state_dict(),
+                "batch": self.batch.state_dict(),
+                "faults": self.faults.state_dict(),
             }
         }
 
     def save_checkpoint(self) -> None:
         if self.checkpointer is None:
             return
+        if self.info.is_main:  # pruning after this save must keep the newest good one
+            good = find_good_checkpoint(self, self.state.step)
+            self.checkpointer.protect = {good.step} if good is not None else set()
         self.checkpointer.save(self.engine, self.state.step, self.client_state())
         self._last_saved_step = self.state.step
 
-    def restore(self, ckpt: CheckpointDir) -> None:
-        """Load a checkpoint on every rank: model, optimizer, sampler, probes, counters."""
+    def restore(self, ckpt: CheckpointDir, resume: bool = False) -> None:
+        """Load a checkpoint on every rank: model, optimizer, sampler, probes, counters.
+        On ``resume`` also the run's own state (rollback history, batch control, faults);
+        a rollback keeps the one it has."""
         assert self.checkpointer is not None
         client = self.checkpointer.load(self.engine, ckpt).get("yoto", {})
         self.state = TrainState(**client["state"])
         self.sampler.load_state_dict(client["sampler"])
         self.runner.load_state_dict(client.get("probes", {}))
+        if resume:
+            for part, key in ((self.run, "run"), (self.batch, "batch"), (self.faults, "faults")):
+                if key in client:
+                    part.load_state_dict(client[key])
+            self.run.max_attempt = max(self.run.max_attempt, self.state.attempt)
         self._last_saved_step = self.state.step
 
     def _collect_checkpoints(self) -> None:

@@ -31,6 +31,7 @@ from . import distributed, tokenizer
 from . import engine as eng
 from .checkpoint import CheckpointDir, Checkpointer, newest_valid
 from .corpus import Corpus, load_corpus
+from .faults import FaultInjector
 from .loop import Trainer
 from .model import GPT
 from .progress import Progress
@@ -69,6 +70,7 @@ def prepare(
         )
         for source, split in corpus.sources.items()
     }
+    FaultInjector(cfg.faults, info.rank, cfg.train.precision)  # bad --inject specs fail now
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     return info, corpus, sampler, val, GPT(cfg.model, vocab)
 
@@ -155,9 +157,29 @@ def train(
             status=status,
         )
         sinks.close(status)
-        print(f"\nrun {status}: {run_dir}\n  details: yoto runs show {run_dir}", file=sys.stderr)
+        story = describe_interventions(runstore.read_events(run_dir))
+        print(
+            f"\nrun {status}: {run_dir}"
+            + "".join(f"\n  {line}" for line in story)
+            + f"\n  details: yoto runs show {run_dir}",
+            file=sys.stderr,
+        )
     distributed.barrier()
     return run_dir
+
+
+def describe_interventions(events: list[dict[str, Any]]) -> list[str]:
+    """What happened to the run, in a few lines: faults, what caught them, what was done."""
+    lines = []
+    for e in events:
+        kind, data = e.get("kind"), e.get("data", {})
+        if kind == "fault_injected":
+            lines.append(f"step {e['step']}: {e['message']}")
+        elif kind == "spike" and (data.get("persistent") or e.get("severity") == "critical"):
+            lines.append(f"step {e['step']}: detected: {e['message']}")
+        elif kind in ("rollback", "halt"):
+            lines.append(f"step {e['step']}: {e['message']}")
+    return lines
 
 
 def _open_store(
@@ -210,13 +232,14 @@ def _resume(trainer: Trainer, run_dir: Path) -> None:
         chosen = newest_valid(run_dir / runstore.CHECKPOINTS, reject)
     chosen = distributed.broadcast_object(chosen)
     if chosen is not None:
-        trainer.restore(chosen)
+        trainer.restore(chosen, resume=True)
     recorded = runstore.last_recorded(run_dir) if info.is_main else None
     from_step = trainer.state.step
     # steps after the checkpoint that are already recorded will be replayed: a new attempt
     replay = recorded is not None and recorded[1] > from_step
     if replay:
-        trainer.state.attempt = recorded[0] + 1
+        trainer.state.attempt = max(recorded[0], trainer.run.max_attempt) + 1
+        trainer.run.max_attempt = trainer.state.attempt
     trainer.state.attempt = distributed.broadcast_object(trainer.state.attempt)
     where = f"checkpoint {chosen.tag}" if chosen else "the beginning (no usable checkpoint)"
     trainer.event(

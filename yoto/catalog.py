@@ -318,6 +318,38 @@ SPECTRA_SKIPPED = _metric(
     "Spectra analyses skipped because the previous one was still running.",
 )
 
+# --- interventions (trainer/policy.py, trainer/rollback.py, trainer/batch_control.py) -----
+ROLLBACKS = _metric(
+    "yoto_rollbacks_total",
+    "counter",
+    "",
+    "Rollbacks to an earlier checkpoint (the run's attempt grows by one each).",
+)
+SKIPPED_BATCHES = _metric(
+    "yoto_skipped_batches_total",
+    "counter",
+    "",
+    "Global batches of data skipped by rollbacks.",
+)
+BATCH_SIZE_CHANGES = _metric(
+    "yoto_batch_size_changes_total",
+    "counter",
+    "",
+    "Global batch changes by warmup, adaptive control or the policy.",
+)
+FAULTS_INJECTED = _metric(
+    "yoto_faults_injected_total",
+    "counter",
+    "",
+    "Faults injected on purpose (yoto train --inject), for tests and demos.",
+)
+HALTED = _metric(
+    "yoto_halted",
+    "gauge",
+    "",
+    "1 once the policy halted the run (rollback budget spent, or nothing to roll back to).",
+)
+
 # --- probe health (probes/runner.py) ------------------------------------------------------
 PROBE_FAILURES = _metric(
     "yoto_probe_failures_total",

@@ -1,7 +1,7 @@
 """The ``yoto`` command.
 
     yoto train [--preset NAME | --config FILE] [--set key=value ...] [--run-root DIR]
-               [--name NAME] [--resume RUN_DIR]
+               [--name NAME] [--resume RUN_DIR] [--inject KIND@STEP ...]
     yoto config [--preset NAME | --config FILE] [--set key=value ...]   # print, validate
     yoto presets
     yoto runs list [ROOT] [--json]
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--inject",
+        metavar="KIND@STEP",
+        action="append",
+        default=[],
+        help="inject a fault (lr_spike, bad_batch, nan_grad, weight_blowup, "
+        "fp16_overflow), e.g. --inject lr_spike@300 (repeatable)",
+    )
 
     p = sub.add_parser("config", help="print the resolved configuration (validates it)")
     _add_config_args(p)
@@ -113,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if args.no_progress:
         cfg.log.progress = False
+    if args.inject:
+        cfg.faults = [*cfg.faults, *args.inject]
     from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
 
     train(cfg, run_root=args.run_root, name=name, resume=args.resume, argv=sys.argv[1:])

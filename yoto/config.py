@@ -96,6 +96,23 @@ class BatchWarmupConfig(Section):
     tokens: int = Field(0, ge=0)
 
 
+class AdaptiveBatchConfig(Section):
+    """Global batch from the gradient noise scale (Pollux/AdaScale style), after warmup:
+    target = clamp(k * B_noise) rounded down to micro-batch x ranks."""
+
+    enabled: bool = False
+    k: float = Field(1.0, gt=0, description="target batch / B_noise")
+    min: int | None = Field(None, ge=1, description="sequences; None = train.global_batch_size")
+    max: int | None = Field(None, ge=1, description="sequences; None = 8 x the minimum")
+    every: int = Field(50, ge=1, description="steps between changes, at least")
+    lr_scaling: Literal["none", "sqrt", "linear"] = Field(
+        "sqrt", description="LR x (batch / train.global_batch_size)^p, p = 0, 1/2, 1"
+    )
+    after_rollback: float = Field(
+        1.0, ge=1.0, description="multiply the batch by this after a rollback (1 = keep)"
+    )
+
+
 class TrainConfig(Section):
     steps: int = Field(300, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-batch")
@@ -105,6 +122,7 @@ class TrainConfig(Section):
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_warmup: BatchWarmupConfig = Field(default_factory=BatchWarmupConfig)
+    adaptive_batch: AdaptiveBatchConfig = Field(default_factory=AdaptiveBatchConfig)
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -186,6 +204,9 @@ class SpikesConfig(Section):
     enabled: bool = True
     min_history: int = Field(32, ge=2, description="healthy values before a rule may fire")
     score_window: int = Field(100, ge=1, description="steps in yoto_spike_score_ratio")
+    persistent_steps: int = Field(
+        5, ge=2, description="a spike episode this long is persistent (a second verdict)"
+    )
     loss: SeriesSpikeConfig = Field(default_factory=SeriesSpikeConfig)
     grad_norm: SeriesSpikeConfig = Field(default_factory=_grad_norm_rules)
 
@@ -242,6 +263,45 @@ class ProbesConfig(Section):
     spectra: SpectraConfig = Field(default_factory=SpectraConfig)
 
 
+Action = Literal["none", "alert", "rollback", "lr_cooldown", "batch_size", "halt"]
+
+
+class RollbackConfig(Section):
+    """PaLM-like: restart from a checkpoint before the spike, skip the data in between."""
+
+    min_distance: int = Field(20, ge=0, description="steps a checkpoint must precede the onset by")
+    healthy_steps: int = Field(
+        20, ge=0, description="healthy steps after a checkpoint before it counts as good"
+    )
+    skip_margin: int = Field(
+        50,
+        ge=0,
+        description="batches skipped past the onset, beyond those between the "
+        "checkpoint and the onset (PaLM skipped 200-500 at 540B)",
+    )
+    lr_cooldown_factor: float = Field(1.0, gt=0, le=1.0, description="LR x this after it")
+    lr_cooldown_steps: int = Field(0, ge=0, description="for this many steps (0 = none)")
+    max_rollbacks: int = Field(3, ge=1, description="within window_steps, then halt")
+    window_steps: int = Field(1000, ge=1)
+
+
+class PolicyConfig(Section):
+    """What to do about each kind of verdict. The most severe action of a step wins and
+    every rank takes it."""
+
+    enabled: bool = True
+    nonfinite: Action = "rollback"
+    persistent_spike: Action = "rollback"
+    spike: Action = "alert"
+    loss_scale_min: Action = Field(
+        "rollback", description="then halt (with advice to use bf16) if it happens again"
+    )
+    overflow: Action = "none"
+    spectra: Action = "none"
+    probe_failure: Action = "none"
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -251,6 +311,11 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    faults: list[str] = Field(
+        default_factory=list,
+        description="injected faults, KIND@STEP[:key=value,...] (yoto train --inject)",
+    )
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="merged last into the generated DeepSpeed config (expert escape hatch)",

@@ -1,0 +1,237 @@
+"""Interventions end to end on CPU: every fault is caught and rolled back, the model and
+optimizer are restored bit-exactly, the bad data window is skipped, the run recovers."""
+
+import itertools
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from yoto.trainer.batch_control import BatchController
+from yoto.trainer.faults import parse_fault
+
+from tests.helpers import FAST, make_trainer, only_run, subprocess_env, train_in_process
+from yoto import catalog, runstore
+from yoto.config import TrainConfig
+from yoto.errors import ConfigError
+
+LOSS = catalog.TRAIN_LOSS.name
+CADENCE = [
+    "checkpoint.every=20",
+    "checkpoint.keep_last=3",
+    "train.steps=130",
+    "probes.layers.every=1000",
+    "probes.spectra.enabled=false",
+]
+
+
+def events_of(run: Path, kind: str) -> list[dict]:
+    return [e for e in runstore.read_events(run) if e["kind"] == kind]
+
+
+@pytest.mark.parametrize(
+    "fault", ["lr_spike@80", "bad_batch@80", "nan_grad@80", "weight_blowup@80"]
+)
+def test_fault_is_detected_rolled_back_and_recovered(tmp_path: Path, fault: str) -> None:
+    trainer, store = make_trainer(tmp_path, *CADENCE, f"faults=[{fault}]")
+    restored = []
+    original = trainer.restore
+
+    def spy(ckpt, resume=False):
+        original(ckpt, resume)
+        saved = torch.load(ckpt.path / "mp_rank_00_model_states.pt", weights_only=False)
+        restored.append(
+            (
+                ckpt.step,
+                saved,
+                {k: v.clone() for k, v in trainer.engine.module.state_dict().items()},
+                trainer.engine.optimizer.state_dict(),
+            )
+        )
+
+    trainer.restore = spy
+    status = trainer.fit()
+    store.close(status)
+    run = store.path
+    assert status == "finished"
+
+    injected = events_of(run, "fault_injected")
+    assert [e["step"] for e in injected] == [80]
+    first_alarm = min(
+        e["step"]
+        for e in runstore.read_events(run)
+        if e["kind"] in ("spike", "overflow") and e["step"] >= 80
+    )
+    assert first_alarm - 80 <= 5, "detected within a few steps"
+
+    [rb] = events_of(run, "rollback")
+    data = rb["data"]
+    assert data["to_step"] <= data["onset"] - 20 and data["attempt"] == 1
+    # the skipped window: from the checkpoint's data position past the onset plus margin
+    assert data["sampler_position_resume"] == data["onset_position"] + 50 * 16
+    assert (
+        data["skipped_batches"]
+        == (data["sampler_position_resume"] - data["sampler_position_checkpoint"]) // 16
+    )
+
+    # the model and optimizer are exactly the checkpoint's
+    step, saved, model_state, optim_state = restored[0]
+    assert step == data["to_step"]
+    for name, tensor in saved["module"].items():
+        assert torch.equal(model_state[name], tensor), name
+    for pid, st in saved["optimizer"]["state"].items():
+        for key, value in st.items():
+            assert torch.equal(optim_state["state"][pid][key], value), (pid, key)
+
+    t = runstore.read_metrics(run).to_pydict()
+    rows = list(zip(t["attempt"], t["step"], t[LOSS], strict=True))
+    after = [loss for a, s, loss in rows if a == 1]
+    before = [loss for a, s, loss in rows if a == 0 and 60 <= s < 80]
+    assert next(s for a, s, _ in rows if a == 1) == data["to_step"] + 1
+    assert all(math.isfinite(x) for x in after)
+    # back on the pre-fault trend: the last steps are no worse than before the fault
+    assert sum(after[-10:]) / 10 < sum(before) / len(before) + 0.15
+    assert t[catalog.ROLLBACKS.name][-1] == 1 and t[catalog.ATTEMPT.name][-1] == 1
+
+
+def test_rollback_budget_ends_in_halt_with_status_event_and_alert(tmp_path: Path) -> None:
+    args = []
+    for item in (*FAST, *CADENCE, "policy.rollback.max_rollbacks=1"):
+        args += ["--set", item]
+    run = train_in_process(tmp_path, *args, "--inject", "nan_grad@70", "--inject", "nan_grad@100")
+    manifest = runstore.read_manifest(run)
+    assert manifest["status"] == "halted"
+    [halt] = events_of(run, "halt")
+    assert halt["data"]["reason"] == "rollback_budget" and halt["severity"] == "critical"
+    alerts = events_of(run, "alert")
+    assert any(a["data"]["action"] == "halt" for a in alerts)
+    assert len(events_of(run, "rollback")) == 1
+    ckpts = runstore.list_checkpoints(run / "checkpoints")
+    assert ckpts and all(c.complete for c in ckpts)
+    assert max(c.step for c in ckpts) < 100  # the halted state itself was not saved
+    end = events_of(run, "end")[-1]
+    assert end["data"]["status"] == "halted"
+
+
+def test_clean_thousand_step_run_makes_no_intervention(tmp_path: Path) -> None:
+    args = [
+        "--preset",
+        "tiny",
+        "--set",
+        "train.steps=1000",
+        "--set",
+        "eval.every=500",
+        "--set",
+        "probes.spectra.enabled=false",
+    ]
+    run = train_in_process(tmp_path, *args)
+    events = runstore.read_events(run)
+    kinds = {e["kind"] for e in events}
+    assert not kinds & {"rollback", "halt", "lr_cooldown", "spike", "alert"}, kinds
+    changes = [e for e in events if e["kind"] == "batch_size"]
+    assert {e["data"]["reason"] for e in changes} == {"warmup"}
+    assert runstore.read_manifest(run)["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_fault_on_one_rank_rolls_both_back(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = []
+    for item in (*FAST, *CADENCE, "train.steps=110", "faults=[nan_grad@70:rank=1]"):
+        sets += ["--set", item]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "yoto.cli",
+        "train",
+        "--run-root",
+        str(tmp_path),
+        "--no-progress",
+        *sets,
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = only_run(tmp_path)
+    assert runstore.read_manifest(run)["status"] == "finished"
+    [rb] = events_of(run, "rollback")
+    assert rb["data"]["reason"] == "nonfinite"
+    t = runstore.read_metrics(run).to_pydict()
+    resumed = [s for a, s in zip(t["attempt"], t["step"], strict=True) if a == 1]
+    assert resumed[0] == rb["data"]["to_step"] + 1 and resumed[-1] == 110
+    assert all(math.isfinite(v) for a, v in zip(t["attempt"], t[LOSS], strict=True) if a == 1)
+
+
+def test_adaptive_batch_follows_the_noise_scale_within_bounds() -> None:
+    cfg = TrainConfig.model_validate(
+        {
+            "micro_batch_size": 4,
+            "global_batch_size": 16,
+            "adaptive_batch": {
+                "enabled": True,
+                "k": 1.0,
+                "min": 16,
+                "max": 64,
+                "every": 10,
+                "lr_scaling": "sqrt",
+            },
+        }
+    )
+    ctrl = BatchController(cfg, world=2)  # granularity 8
+    sizes = []
+    for step in range(1, 101):
+        b_noise = 5.0 + step  # grows over the run
+        sizes.append(ctrl.size(step, 10**9, b_noise)[0])
+    assert sizes[0] == 16 and sizes[-1] == 64 and max(sizes) == 64
+    assert all(a <= b for a, b in itertools.pairwise(sizes))  # grows with B_noise
+    assert all(s % 8 == 0 for s in sizes)
+    changes = [i for i in range(1, 100) if sizes[i] != sizes[i - 1]]
+    assert all(b - a >= 10 for a, b in itertools.pairwise(changes))
+    assert ctrl.lr_factor() == pytest.approx((64 / 16) ** 0.5)
+    low = BatchController(cfg, world=2)
+    assert low.size(50, 10**9, 0.5)[0] == 16  # never below the minimum
+
+
+def test_adaptive_batch_in_a_run(tmp_path: Path) -> None:
+    trainer, store = make_trainer(
+        tmp_path,
+        "train.steps=60",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=8",
+        "train.adaptive_batch.enabled=true",
+        "train.adaptive_batch.k=4",
+        "train.adaptive_batch.every=10",
+        "train.adaptive_batch.max=32",
+        "probes.spectra.enabled=false",
+        "probes.layers.every=1000",
+    )
+    trainer.fit()
+    store.close("finished")
+    changes = [e for e in runstore.read_events(store.path) if e["kind"] == "batch_size"]
+    assert changes and all(e["data"]["reason"] == "adaptive" for e in changes)
+    t = runstore.read_metrics(store.path).to_pydict()
+    sizes = [b // 128 for b in t[catalog.BATCH_SIZE_TOKENS.name]]
+    assert max(sizes) > 8 and all(8 <= s <= 32 and s % 4 == 0 for s in sizes)
+    assert t[catalog.BATCH_SIZE_CHANGES.name][-1] == len(changes)
+
+
+def test_bad_fault_specs_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown kind 'lr_spik'.*lr_spike"):
+        parse_fault("lr_spik@3")
+    with pytest.raises(ConfigError, match="expected KIND@STEP"):
+        parse_fault("lr_spike")
+    with pytest.raises(ConfigError, match="takes .*factor.*not 'layer'"):
+        parse_fault("lr_spike@3:layer=2")
+    assert parse_fault("bad_batch@7:steps=3,rank=1").steps == 3

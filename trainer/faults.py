@@ -1,0 +1,163 @@
+"""Fault injection, for tests and demos: ``yoto train --inject KIND@STEP[:key=value,...]``.
+
+| kind | what happens at STEP | options (default) |
+|---|---|---|
+| ``lr_spike`` | LR x factor for a few steps | factor (100), steps (3) |
+| ``bad_batch`` | the next batches of data are random bytes (a corrupt shard) | steps (8), rank |
+| ``nan_grad`` | one parameter's gradient becomes NaN | rank |
+| ``weight_blowup`` | one block's weights are multiplied by factor | factor (30), layer (0) |
+| ``fp16_overflow`` | the loss is scaled past fp16's range (fp16 engines only) | steps (3), rank |
+
+A fault fires once, the first time its step is reached, and is recorded as a
+``fault_injected`` event, so detection delay is the gap to the first verdict. It stays
+fired after a rollback (the injector's state is the run's, not the checkpoint's): a
+rolled-back run does not meet it again, as a real transient fault would not recur. A bad
+batch is tied to the data position it replaced, which the rollback skips past.
+``rank=N`` confines a fault to one data-parallel rank (the others stay clean).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from yoto.errors import ConfigError
+
+KINDS = {
+    "lr_spike": {"factor": 100.0, "steps": 3},
+    "bad_batch": {"steps": 8},
+    "nan_grad": {},
+    "weight_blowup": {"factor": 30.0, "layer": 0},
+    "fp16_overflow": {"steps": 3},
+}
+_SPEC = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<opts>.*))?$")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int | None = None
+    factor: float = 1.0
+    steps: int = 1
+    layer: int = 0
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}@{self.step}"
+
+
+def parse_fault(spec: str) -> Fault:
+    match = _SPEC.match(spec.strip())
+    if not match:
+        raise ConfigError(
+            f"fault {spec!r}: expected KIND@STEP[:key=value,...], e.g. "
+            f"lr_spike@300 or bad_batch@200:steps=10,rank=1"
+        )
+    kind = match.group("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"fault {spec!r}: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+    options: dict[str, Any] = dict(KINDS[kind])
+    for item in filter(None, (match.group("opts") or "").split(",")):
+        key, _, value = item.partition("=")
+        allowed = {*KINDS[kind], "rank"}
+        if key not in allowed:
+            raise ConfigError(
+                f"fault {spec!r}: {kind} takes {', '.join(sorted(allowed))}, not {key!r}"
+            )
+        try:
+            options[key] = float(value) if key == "factor" else int(value)
+        except ValueError:
+            raise ConfigError(f"fault {spec!r}: {key}={value!r} is not a number") from None
+    step = int(match.group("step"))
+    if step < 1:
+        raise ConfigError(f"fault {spec!r}: steps are counted from 1")
+    return Fault(kind, step, **options)
+
+
+class FaultInjector:
+    """Applies the configured faults inside the loop; see the module docstring."""
+
+    def __init__(self, specs: list[str], rank: int, precision: str) -> None:
+        self.faults = [parse_fault(s) for s in specs]
+        for fault in self.faults:
+            if fault.kind == "fp16_overflow" and precision != "fp16":
+                raise ConfigError(
+                    f"fault {fault.spec}: fp16_overflow needs "
+                    f"train.precision=fp16 (a GPU); here it is {precision}"
+                )
+        self.rank = rank
+        self.fired: set[str] = set()
+        self.bad_positions: list[tuple[int, int]] = []  # sampler position ranges
+        self._active: list[Fault] = []  # fired this step
+
+    def _mine(self, fault: Fault) -> bool:
+        return fault.rank is None or fault.rank == self.rank
+
+    def begin_step(
+        self, step: int, model: torch.nn.Module, position: int, batch: int
+    ) -> list[Fault]:
+        """Called before step ``step`` (1-based); returns the faults that fire now."""
+        fired = []
+        for fault in self.faults:
+            if fault.step != step or fault.spec in self.fired:
+                continue
+            self.fired.add(fault.spec)
+            fired.append(fault)
+            if fault.kind == "bad_batch":
+                self.bad_positions.append((position, position + fault.steps * batch))
+            elif fault.kind == "weight_blowup":  # every rank: replicas must stay equal
+                with torch.no_grad():
+                    for p in model.blocks[fault.layer].parameters():
+                        if p.dim() >= 2:
+                            p.mul_(fault.factor)
+        self._active = [
+            f
+            for f in self.faults
+            if f.spec in self.fired and f.step <= step < f.step + max(1, f.steps)
+        ]
+        return fired
+
+    def lr_factor(self) -> float:
+        factor = 1.0
+        for fault in self._active:
+            if fault.kind == "lr_spike":
+                factor *= fault.factor
+        return factor
+
+    def corrupt(self, tokens: torch.Tensor, first_position: int) -> torch.Tensor:
+        """Random bytes in place of a micro-batch whose data lie in a bad range."""
+        if not any(lo <= first_position < hi for lo, hi in self.bad_positions):
+            return tokens
+        if not any(f.kind == "bad_batch" and self._mine(f) for f in self.faults):
+            return tokens
+        gen = torch.Generator().manual_seed(first_position)
+        return torch.randint(0, 256, tokens.shape, generator=gen, dtype=tokens.dtype)
+
+    def loss_factor(self) -> float:
+        return (
+            float("inf")
+            if any(f.kind == "fp16_overflow" and self._mine(f) for f in self._active)
+            else 1.0
+        )
+
+    def poison_grads(self, model: torch.nn.Module) -> Any:
+        """For nan_grad: a one-shot hook on one weight; returns its handle (or None)."""
+        if not any(f.kind == "nan_grad" and self._mine(f) for f in self._active):
+            return None
+        weight = model.blocks[0].mlp.fc.weight
+        return weight.register_hook(lambda g: g * float("nan"))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fired": sorted(self.fired),
+            "bad_positions": list(self.bad_positions),
+            "faults": [asdict(f) for f in self.faults],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fired = set(state["fired"])
+        self.bad_positions = [tuple(r) for r in state["bad_positions"]]
