@@ -92,7 +92,8 @@ class FaultInjector:
         self.rank = rank
         self.fired: set[str] = set()
         self.bad_positions: list[tuple[int, int]] = []  # sampler position ranges
-        self._active: list[Fault] = []  # fired this step
+        self.windows: dict[str, tuple[int, int]] = {}  # spec -> steps it acts on, this branch
+        self._active: list[Fault] = []  # acting this step
 
     def _mine(self, fault: Fault) -> bool:
         return fault.rank is None or fault.rank == self.rank
@@ -106,6 +107,7 @@ class FaultInjector:
             if fault.step != step or fault.spec in self.fired:
                 continue
             self.fired.add(fault.spec)
+            self.windows[fault.spec] = (step, step + max(1, fault.steps))
             fired.append(fault)
             if fault.kind == "bad_batch":
                 self.bad_positions.append((position, position + fault.steps * batch))
@@ -117,9 +119,15 @@ class FaultInjector:
         self._active = [
             f
             for f in self.faults
-            if f.spec in self.fired and f.step <= step < f.step + max(1, f.steps)
+            if f.spec in self.windows and self.windows[f.spec][0] <= step < self.windows[f.spec][1]
         ]
         return fired
+
+    def rolled_back(self) -> None:
+        """The branch a fault acted on was abandoned: nothing acts any more (a bad data
+        range stays bad, but the rollback skipped past it)."""
+        self.windows.clear()
+        self._active = []
 
     def lr_factor(self) -> float:
         factor = 1.0
@@ -155,9 +163,11 @@ class FaultInjector:
         return {
             "fired": sorted(self.fired),
             "bad_positions": list(self.bad_positions),
+            "windows": dict(self.windows),
             "faults": [asdict(f) for f in self.faults],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fired = set(state["fired"])
         self.bad_positions = [tuple(r) for r in state["bad_positions"]]
+        self.windows = {k: tuple(v) for k, v in state.get("windows", {}).items()}

@@ -120,6 +120,7 @@ def rollback(trainer: Trainer, decision: Decision) -> bool:
     target = max(resumed_at, onset_position + cfg.skip_margin * batch)
     sampler.skip(target - resumed_at)
     skipped = (target - resumed_at) // max(1, batch)
+    trainer.faults.rolled_back()
     run.max_attempt += 1
     trainer.state.attempt = run.max_attempt
     run.skipped_batches += skipped

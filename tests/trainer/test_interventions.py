@@ -1,6 +1,7 @@
 """Interventions end to end on CPU: every fault is caught and rolled back, the model and
 optimizer are restored bit-exactly, the bad data window is skipped, the run recovers."""
 
+import copy
 import itertools
 import math
 import socket
@@ -12,6 +13,7 @@ import pytest
 import torch
 from yoto.trainer.batch_control import BatchController
 from yoto.trainer.faults import parse_fault
+from yoto.trainer.schedule import learning_rate
 
 from tests.helpers import FAST, make_trainer, only_run, subprocess_env, train_in_process
 from yoto import catalog, runstore
@@ -48,7 +50,7 @@ def test_fault_is_detected_rolled_back_and_recovered(tmp_path: Path, fault: str)
                 ckpt.step,
                 saved,
                 {k: v.clone() for k, v in trainer.engine.module.state_dict().items()},
-                trainer.engine.optimizer.state_dict(),
+                copy.deepcopy(trainer.engine.optimizer.state_dict()),
             )
         )
 
@@ -211,7 +213,7 @@ def test_adaptive_batch_in_a_run(tmp_path: Path) -> None:
         "train.micro_batch_size=4",
         "train.global_batch_size=8",
         "train.adaptive_batch.enabled=true",
-        "train.adaptive_batch.k=4",
+        "train.adaptive_batch.k=40",
         "train.adaptive_batch.every=10",
         "train.adaptive_batch.max=32",
         "probes.spectra.enabled=false",
@@ -225,6 +227,10 @@ def test_adaptive_batch_in_a_run(tmp_path: Path) -> None:
     sizes = [b // 128 for b in t[catalog.BATCH_SIZE_TOKENS.name]]
     assert max(sizes) > 8 and all(8 <= s <= 32 and s % 4 == 0 for s in sizes)
     assert t[catalog.BATCH_SIZE_CHANGES.name][-1] == len(changes)
+    # the LR follows the batch: x sqrt(batch / base)
+    for step, size, lr in zip(t["step"], sizes, t[catalog.LEARNING_RATE.name], strict=True):
+        base = learning_rate(step - 1, trainer.cfg.optim, trainer.cfg.train.steps)
+        assert lr == pytest.approx(base * (size / 8) ** 0.5), step
 
 
 def test_bad_fault_specs_are_clear_errors() -> None:
