@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/yoto train --preset tiny --run-root runs --name demo
+	$(BIN)/yoto train --preset tiny --run-root runs --name demo --inject lr_spike@300
 	$(BIN)/yoto runs list runs
 
 test: install

@@ -39,31 +39,37 @@ class BatchController:
         self.target = self.base
         self.last_change = 0
         self.in_warmup = False
+        self.reason = "config"
 
     def _round(self, size: float) -> int:
         return max(self.granularity, int(size) - int(size) % self.granularity)
 
-    def size(self, step: int, tokens: int, b_noise: float | None) -> tuple[int, str | None]:
-        """Global batch (sequences) for ``step`` and why it changed (None if it did not).
-        ``b_noise`` is the latest noise scale in sequences (None/NaN when unknown)."""
+    def size(self, step: int, tokens: int, b_noise: float | None) -> tuple[int, str]:
+        """Global batch (sequences) for ``step``, and the reason of its latest change
+        (warmup, adaptive, policy, rollback). ``b_noise`` is the latest noise scale in
+        sequences (None/NaN when unknown)."""
+        was_warm = self.in_warmup
         self.in_warmup = bool(self.ramp.ramp_tokens) and tokens < self.ramp.ramp_tokens
+        if self.in_warmup or was_warm:  # the ramp's last step lands on the target
+            self.reason = "warmup"
         if self.in_warmup:
-            return self.ramp.size_at(tokens), "warmup"
-        if not self.adaptive.enabled or b_noise is None or not math.isfinite(b_noise):
-            return self.target, None
-        if step - self.last_change < self.adaptive.every:
-            return self.target, None
-        want = min(self.high, max(self.low, self._round(self.adaptive.k * b_noise)))
-        if want == self.target:
-            return self.target, None
-        self.target, self.last_change = want, step
-        return want, "adaptive"
+            return self.ramp.size_at(tokens), self.reason
+        if (
+            self.adaptive.enabled
+            and b_noise is not None
+            and math.isfinite(b_noise)
+            and step - self.last_change >= self.adaptive.every
+        ):
+            want = min(self.high, max(self.low, self._round(self.adaptive.k * b_noise)))
+            if want != self.target:
+                self.target, self.last_change, self.reason = want, step, "adaptive"
+        return self.target, self.reason
 
-    def bump(self, factor: float, step: int) -> int:
+    def bump(self, factor: float, step: int, reason: str = "policy") -> int:
         """Raise the target (after a rollback, or by the policy); bounded by the maximum."""
         ceiling = self.high if self.adaptive.enabled else max(self.high, self.base * 8)
         self.target = min(ceiling, self._round(self.target * factor))
-        self.last_change = step
+        self.last_change, self.reason = step, reason
         return self.target
 
     def lr_factor(self) -> float:
@@ -73,7 +79,8 @@ class BatchController:
         return (self.target / self.base) ** _LR_POWER[self.adaptive.lr_scaling]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "last_change": self.last_change}
+        return {"target": self.target, "last_change": self.last_change, "reason": self.reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.target, self.last_change = state["target"], state["last_change"]
+        self.reason = state.get("reason", "config")

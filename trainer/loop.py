@@ -270,11 +270,11 @@ class Trainer:
             self.event(
                 EventKind.BATCH_SIZE,
                 Severity.INFO,
-                f"global batch {previous} -> {batch_size} sequences ({why or 'policy'})",
+                f"global batch {previous} -> {batch_size} sequences ({why})",
                 step=step,
                 previous=previous,
                 new=batch_size,
-                reason=why or "policy",
+                reason=why,
                 tokens=batch_size * cfg.model.seq_len,
                 b_noise=self.b_noise,
             )

@@ -130,7 +130,7 @@ def rollback(trainer: Trainer, decision: Decision) -> bool:
         run.lr_scale_until = ckpt.step + cfg.lr_cooldown_steps
     factor = trainer.cfg.train.adaptive_batch.after_rollback
     if factor > 1.0:
-        trainer.batch.bump(factor, ckpt.step)
+        trainer.batch.bump(factor, ckpt.step, reason="rollback")
     record = {
         "from_step": from_step,
         "to_step": ckpt.step,
