@@ -40,6 +40,7 @@ def main() -> int:
             f"train.device={device}",
             f"train.steps={steps}",
             "eval.every=0",
+            "policy.enabled=false",  # record only: no rollback
         ],
     )
     poisoned = {args.at, args.at + 1}

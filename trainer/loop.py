@@ -84,6 +84,7 @@ class Trainer:
         self.state = TrainState()
         self.stop_requested = False  # set by a signal handler; agreed by all ranks
         self.own_clipping = eng.own_clipping(cfg)
+        self.fp16 = cfg.train.precision == "fp16"
         self.batch = BatchController(cfg.train, info.world)
         self.policy = Policy(cfg.policy)
         self.faults = FaultInjector(cfg.faults, info.rank, cfg.train.precision)
@@ -332,6 +333,8 @@ class Trainer:
             engine.step()
         if grad_norm is None:
             grad_norm = eng.reported_grad_norm(engine)
+        if self.fp16 and not engine.was_step_applied():
+            grad_norm = None  # a skipped fp16 step's norm is inf by design, not a spike
 
         loss_mean = loss_sum / n_micro
         control = None
