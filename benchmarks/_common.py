@@ -9,15 +9,24 @@ from collections import Counter
 from collections.abc import Iterator
 
 import torch
-from yoto.probes.suite import build_runner
-from yoto.trainer.engine import build_engine
-from yoto.trainer.loop import Trainer
-from yoto.trainer.run import prepare
 
 from yoto.config import load_config
 from yoto.events import Sinks
 from yoto.runstore import RunStore
+from yoto.trainer.loop import Trainer
+from yoto.trainer.run import assemble, prepare
 
+SHAPES = {  # the shapes the CPU benchmarks compare
+    "tiny": [],
+    "wide": [
+        "model.n_layer=8",
+        "model.d_model=256",
+        "model.n_head=8",
+        "model.seq_len=256",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=8",
+    ],
+}
 COMMON = [
     "train.batch_warmup.start=null",
     "data.max_bytes_per_source=4000000",
@@ -32,12 +41,9 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int_
 def make_trainer(preset: str, overrides: list[str], root: str | None = None) -> Trainer:
     """A Trainer over a throw-away run directory; step it with ``trainer.step_once()``."""
     cfg = load_config(preset=preset, overrides=[*COMMON, *overrides])
-    info, _, sampler, val, model = prepare(cfg)
-    engine = build_engine(model, cfg, info)
-    runner = build_runner(cfg)
-    runner.attach(engine.module, engine)
+    prepared = prepare(cfg)
     store = RunStore.create(root or tempfile.mkdtemp(prefix="yoto-bench-"), "bench", cfg.to_yaml())
-    return Trainer(cfg, engine, sampler, val, info, Sinks(durable=store), None, runner)
+    return assemble(cfg, prepared, store.path, Sinks(durable=store))
 
 
 @contextlib.contextmanager

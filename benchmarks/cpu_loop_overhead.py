@@ -21,16 +21,16 @@ import tempfile
 import time
 
 import torch
+
+from yoto.config import load_config
+from yoto.events import Sinks
+from yoto.runstore import RunStore
 from yoto.trainer import engine as eng
 from yoto.trainer.loop import Trainer
 from yoto.trainer.model import GPT
 from yoto.trainer.run import prepare, vocab_size
 from yoto.trainer.sampler import Sampler
 from yoto.trainer.schedule import learning_rate
-
-from yoto.config import load_config
-from yoto.events import Sinks
-from yoto.runstore import RunStore
 
 OVERRIDES = [
     "train.batch_warmup.start=null",  # constant batch: both loops do the same work each step

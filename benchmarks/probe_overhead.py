@@ -24,19 +24,7 @@ import time
 from collections import Counter
 
 import torch
-from _common import counting_host_reads, make_trainer
-
-SHAPES = {
-    "tiny": [],
-    "wide": [
-        "model.n_layer=8",
-        "model.d_model=256",
-        "model.n_head=8",
-        "model.seq_len=256",
-        "train.micro_batch_size=4",
-        "train.global_batch_size=8",
-    ],
-}
+from _common import SHAPES, counting_host_reads, make_trainer
 
 
 def make(shape: list[str], variant: list[str], root: str):

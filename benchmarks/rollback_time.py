@@ -20,23 +20,11 @@ import statistics
 import sys
 import time
 
-from _common import make_trainer
-from yoto.trainer.checkpoint import Checkpointer
-from yoto.trainer.policy import Action
+from _common import SHAPES, make_trainer
 
 from yoto.runstore import list_checkpoints
+from yoto.trainer.policy import Action
 
-SHAPES = {
-    "tiny": [],
-    "wide": [
-        "model.n_layer=8",
-        "model.d_model=256",
-        "model.n_head=8",
-        "model.seq_len=256",
-        "train.micro_batch_size=4",
-        "train.global_batch_size=8",
-    ],
-}
 RUN = [
     "checkpoint.every=20",
     "checkpoint.keep_last=3",
@@ -47,9 +35,6 @@ RUN = [
 
 def measure(shape: list[str], repeats: int) -> dict[str, float]:
     trainer = make_trainer("tiny", [*shape, *RUN, "faults=[nan_grad@75]"])
-    trainer.checkpointer = Checkpointer(
-        trainer.sinks.durable.path / "checkpoints", 3, trainer.info.rank
-    )
     trainer._start_batch_schedule()
     step_times = []
     while True:

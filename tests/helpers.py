@@ -63,23 +63,32 @@ def train_in_process(root: Path, *args: str, name: str = "t") -> Path:
 def make_trainer(root: Path, *overrides: str, probes=(), preset: str = "tiny"):
     """An in-process Trainer over a fresh run directory, for tests that need to reach
     inside a real DeepSpeed run (register a hook, add a probe). Returns (trainer, store)."""
-    from yoto.probes.suite import build_runner
-    from yoto.trainer.checkpoint import Checkpointer
-    from yoto.trainer.engine import build_engine
-    from yoto.trainer.loop import Trainer
-    from yoto.trainer.run import prepare
-
     from yoto.config import load_config
     from yoto.events import Sinks
     from yoto.runstore import RunStore
+    from yoto.trainer.run import assemble, prepare
 
     cfg = load_config(preset=preset, overrides=[*FAST, *overrides])
-    info, _, sampler, val, model = prepare(cfg)
-    engine = build_engine(model, cfg, info)
+    prepared = prepare(cfg)
     store = RunStore.create(root, "t", cfg.to_yaml())
-    runner = build_runner(cfg)
-    runner.probes.extend(probes)
-    runner.attach(engine.module, engine)
-    checkpointer = Checkpointer(store.path / "checkpoints", cfg.checkpoint.keep_last, info.rank)
-    trainer = Trainer(cfg, engine, sampler, val, info, Sinks(durable=store), checkpointer, runner)
-    return trainer, store
+    return assemble(cfg, prepared, store.path, Sinks(durable=store), tuple(probes)), store
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` local ranks on a free port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ]

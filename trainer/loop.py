@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from yoto.probes.base import MicroStepContext, Sample, StepContext, Verdict
-from yoto.probes.runner import ProbeRunner
 
 from yoto import catalog
 from yoto.config import Config
 from yoto.events import Event, EventKind, Severity, Sinks
+from yoto.probes.base import MicroStepContext, Sample, StepContext, Verdict
+from yoto.probes.runner import ProbeRunner
 
 from . import distributed
 from . import engine as eng

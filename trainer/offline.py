@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from yoto.probes.spectra import TABLE, analyze, weight_matrices
 
 from yoto import runstore
 from yoto.config import load_config
 from yoto.errors import RunDirError
+from yoto.probes.spectra import TABLE, analyze, weight_matrices
 
 from .checkpoint import verify
 from .model import GPT

@@ -19,10 +19,10 @@ from enum import IntEnum
 from typing import Any
 
 import torch
-from yoto.probes.base import Verdict
 
 from yoto.config import PolicyConfig
 from yoto.events import EventKind, Severity
+from yoto.probes.base import Verdict
 
 from . import distributed
 

@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from yoto.probes.base import Verdict
-
 from yoto.events import EventKind, Severity
+from yoto.probes.base import Verdict
 from yoto.runstore import CheckpointDir, list_checkpoints
 
 from . import distributed

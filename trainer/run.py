@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from yoto.probes.runner import ProbeRunner
-from yoto.probes.suite import build_runner
 
 from yoto import runstore
 from yoto.config import Config
 from yoto.errors import ConfigError, YotoError
 from yoto.events import Event, EventKind, Severity, Sinks
+from yoto.probes.runner import ProbeRunner
+from yoto.probes.suite import build_runner
 from yoto.runstore import RunStore
 
 from . import distributed, tokenizer
@@ -75,6 +75,23 @@ def prepare(
     return info, corpus, sampler, val, GPT(cfg.model, vocab)
 
 
+def assemble(
+    cfg: Config, prepared: tuple, run_dir: Path, sinks: Sinks, probes: tuple = ()
+) -> Trainer:
+    """The DeepSpeed engine, the probes (attached) and the checkpointer around a prepared
+    model and data, as a Trainer writing to ``run_dir``. ``probes`` are added to the
+    configured set (tests add failing ones)."""
+    info, _, sampler, val, model = prepared
+    engine = eng.build_engine(model, cfg, info)
+    runner = build_runner(cfg)
+    runner.probes.extend(probes)
+    runner.attach(engine.module, engine)
+    checkpointer = Checkpointer(
+        Path(run_dir) / runstore.CHECKPOINTS, cfg.checkpoint.keep_last, info.rank
+    )
+    return Trainer(cfg, engine, sampler, val, info, sinks, checkpointer, runner)
+
+
 def train(
     cfg: Config,
     run_root: str | Path = "runs",
@@ -96,13 +113,8 @@ def train(
     trainer: Trainer | None = None
     runner: ProbeRunner | None = None
     try:
-        engine = eng.build_engine(model, cfg, info)
-        checkpointer = Checkpointer(
-            run_dir / runstore.CHECKPOINTS, cfg.checkpoint.keep_last, info.rank
-        )
-        runner = build_runner(cfg)
-        runner.attach(engine.module, engine)
-        trainer = Trainer(cfg, engine, sampler, val, info, sinks, checkpointer, runner)
+        trainer = assemble(cfg, (info, corpus, sampler, val, model), run_dir, sinks)
+        runner = trainer.runner
         if resume is not None:
             _resume(trainer, run_dir)
         trainer.event(

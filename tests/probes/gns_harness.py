@@ -12,12 +12,12 @@ import sys
 
 import torch
 from torch import nn
-from yoto.probes.base import MicroStepContext, StepContext
-from yoto.probes.grad_noise import GradNoiseProbe
-from yoto.probes.runner import ProbeRunner
 
 from yoto import catalog
 from yoto.config import GradNoiseConfig
+from yoto.probes.base import MicroStepContext, StepContext
+from yoto.probes.grad_noise import GradNoiseProbe
+from yoto.probes.runner import ProbeRunner
 
 
 class LeastSquares(nn.Module):
@@ -58,6 +58,7 @@ def run(
 ) -> dict[str, float]:
     import deepspeed
     import torch.distributed as dist
+
     from yoto.trainer.distributed import setup
     from yoto.trainer.engine import clip_own
 

@@ -2,18 +2,16 @@
 
 import json
 import math
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from yoto.probes.grad_noise import NoiseScaleEstimator
 
-from tests.helpers import FAST, ROOT, subprocess_env, train_in_process
+from tests.helpers import FAST, ROOT, subprocess_env, torchrun, train_in_process
 from tests.probes.gns_harness import exact, problem, run
 from yoto import catalog, runstore
+from yoto.probes.grad_noise import NoiseScaleEstimator
 
 
 def test_estimator_recovers_b_simple_from_exact_batch_norms() -> None:
@@ -61,25 +59,7 @@ def test_hooked_micro_batch_norms_in_deepspeed(stage: int, gas: int) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_with_accumulation() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(ROOT / "tests" / "probes" / "gns_harness.py"),
-        "500",
-        "4",
-        "2",
-        "1",
-    ]
+    cmd = [*torchrun(2), str(ROOT / "tests" / "probes" / "gns_harness.py"), "500", "4", "2", "1"]
     proc = subprocess.run(
         cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT
     )

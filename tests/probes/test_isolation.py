@@ -4,10 +4,10 @@ repeated failures the probe is switched off."""
 from pathlib import Path
 
 import torch
-from yoto.probes.base import HookGuard, Sample
 
 from tests.helpers import make_trainer
 from yoto import catalog, runstore
+from yoto.probes.base import HookGuard, Sample
 
 
 class Flaky:

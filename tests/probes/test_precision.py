@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from yoto.probes.base import StepContext
-from yoto.probes.precision import OverflowDetector, PrecisionProbe
-from yoto.probes.runner import ProbeRunner
 
 from tests.helpers import make_trainer
 from yoto import catalog, runstore
 from yoto.config import PrecisionConfig
 from yoto.events import Event, EventKind, Sinks
+from yoto.probes.base import StepContext
+from yoto.probes.precision import OverflowDetector, PrecisionProbe
+from yoto.probes.runner import ProbeRunner
 from yoto.runstore import RunStore
 
 
@@ -38,6 +38,7 @@ class ScalerEngine:
 def test_fp16_overflow_is_a_skipped_step_and_a_scale_drop(tmp_path: Path) -> None:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.runtime.utils import CheckOverflow
+
     from yoto.trainer.distributed import setup
 
     setup(torch.device("cpu"))  # the scaler logs through torch.distributed's rank

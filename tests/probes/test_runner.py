@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-from yoto.probes.base import Sample
-from yoto.probes.runner import ProbeRunner
 
 from yoto import catalog
+from yoto.probes.base import Sample
+from yoto.probes.runner import ProbeRunner
 
 
 class CountingProbe:

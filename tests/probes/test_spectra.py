@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from yoto.probes.spectra import SpectraProbe
-from yoto.trainer.offline import checkpoint_model
 
 from yoto import catalog, runstore
 from yoto.cli import main
 from yoto.config import SpectraConfig
+from yoto.probes.spectra import SpectraProbe
+from yoto.trainer.offline import checkpoint_model
 
 COLUMNS = ("alpha", "alpha_weighted", "stable_rank", "log_spectral_norm", "log_norm")
 

@@ -5,10 +5,10 @@ import random
 from pathlib import Path
 
 import pytest
-from yoto.probes.spikes import SpikeDetector
 
 from yoto import catalog, runstore
 from yoto.config import SpikesConfig
+from yoto.probes.spikes import SpikeDetector
 
 LOSS, GNORM = catalog.TRAIN_LOSS.name, catalog.GRAD_NORM.name
 

@@ -2,10 +2,10 @@ import json
 from pathlib import Path
 
 import pytest
-from yoto.trainer.checkpoint import newest_valid, prune, verify, write_complete
 
 from yoto import runstore
 from yoto.runstore import CheckpointDir, list_checkpoints
+from yoto.trainer.checkpoint import newest_valid, prune, verify, write_complete
 
 
 def fake_ckpt(root: Path, step: int, complete: bool = True) -> CheckpointDir:

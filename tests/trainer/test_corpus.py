@@ -5,11 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from yoto.trainer import tokenizer
-from yoto.trainer.corpus import Document, _split, load_corpus
 
 from yoto.config import DataConfig
 from yoto.errors import DataError
+from yoto.trainer import tokenizer
+from yoto.trainer.corpus import Document, _split, load_corpus
 
 
 def test_tokenizer_round_trip() -> None:

@@ -1,14 +1,12 @@
 """Two ranks on CPU (gloo) under torchrun and under the deepspeed launcher: one run
 directory, written by rank 0 only, training on halves of the same global batch."""
 
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, VENV_BIN, only_run, subprocess_env, train_in_process
+from tests.helpers import FAST, VENV_BIN, only_run, subprocess_env, torchrun, train_in_process
 from yoto import catalog, runstore
 
 pytestmark = pytest.mark.slow
@@ -18,32 +16,16 @@ for _item in (*FAST, "train.steps=6", "eval.every=3", "checkpoint.every=3"):
     SETS += ["--set", _item]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(name: str) -> list[str]:
     if name == "torchrun":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            "-m",
-        ]
+        return [*torchrun(2), "-m"]
+    port = torchrun(2)[-1]  # a free port
     return [
         str(VENV_BIN / "deepspeed"),
         "--num_accelerators",
         "2",
         "--master_port",
-        str(free_port()),
+        port,
         "--module",
     ]
 

@@ -4,21 +4,26 @@ optimizer are restored bit-exactly, the bad data window is skipped, the run reco
 import copy
 import itertools
 import math
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from yoto.trainer.batch_control import BatchController
-from yoto.trainer.faults import parse_fault
-from yoto.trainer.schedule import learning_rate
 
-from tests.helpers import FAST, make_trainer, only_run, subprocess_env, train_in_process
+from tests.helpers import (
+    FAST,
+    make_trainer,
+    only_run,
+    subprocess_env,
+    torchrun,
+    train_in_process,
+)
 from yoto import catalog, runstore
 from yoto.config import TrainConfig
 from yoto.errors import ConfigError
+from yoto.trainer.batch_control import BatchController
+from yoto.trainer.faults import parse_fault
+from yoto.trainer.schedule import learning_rate
 
 LOSS = catalog.TRAIN_LOSS.name
 CADENCE = [
@@ -140,22 +145,11 @@ def test_clean_thousand_step_run_makes_no_intervention(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fault_on_one_rank_rolls_both_back(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     sets = []
     for item in (*FAST, *CADENCE, "train.steps=110", "faults=[nan_grad@70:rank=1]"):
         sets += ["--set", item]
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
+        *torchrun(2),
         "-m",
         "yoto.cli",
         "train",

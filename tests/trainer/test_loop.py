@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from yoto.trainer.schedule import BatchRamp
 
 from tests.helpers import FAST, only_run, subprocess_env, train_in_process, yoto_bin
 from yoto import catalog, runstore
 from yoto.config import load_config
+from yoto.trainer.schedule import BatchRamp
 
 LOSS, GNORM = catalog.TRAIN_LOSS.name, catalog.GRAD_NORM.name
 

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-from yoto.trainer.model import GPT
 
 from yoto.config import ModelConfig
+from yoto.trainer.model import GPT
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
 """The policy: verdicts -> the most severe action, budgets and the fp16 minimum-scale path."""
 
 import torch
-from yoto.probes.base import Verdict
-from yoto.probes.precision import OverflowDetector
-from yoto.trainer.policy import Action, Policy
 
 from yoto.config import PolicyConfig
 from yoto.events import EventKind, Severity
+from yoto.probes.base import Verdict
+from yoto.probes.precision import OverflowDetector
+from yoto.trainer.policy import Action, Policy
 
 
 def spike(step: int, onset: int, **data) -> Verdict:
@@ -49,9 +49,9 @@ def test_fp16_scale_at_minimum_rolls_back_then_halts_with_advice() -> None:
     """The verdict comes from DeepSpeed's own DynamicLossScaler fed real fp16 overflows."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.runtime.utils import CheckOverflow
-    from yoto.trainer.distributed import setup
 
     from yoto import catalog
+    from yoto.trainer.distributed import setup
 
     setup(torch.device("cpu"))
     scaler = DynamicLossScaler(

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from yoto.trainer.corpus import Corpus, SourceSplit
-from yoto.trainer.sampler import Sampler, validation_batches
 
 from yoto.errors import DataError
+from yoto.trainer.corpus import Corpus, SourceSplit
+from yoto.trainer.sampler import Sampler, validation_batches
 
 
 def corpus(sizes=(1000, 300), seq_len=8) -> Corpus:

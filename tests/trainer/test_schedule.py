@@ -2,9 +2,9 @@ import itertools
 import math
 
 import pytest
-from yoto.trainer.schedule import BatchRamp, learning_rate
 
 from yoto.config import OptimConfig
+from yoto.trainer.schedule import BatchRamp, learning_rate
 
 
 def test_warmup_then_cosine_to_floor() -> None:
