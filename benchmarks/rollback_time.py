@@ -33,40 +33,49 @@ RUN = [
 ]
 
 
-def measure(shape: list[str], repeats: int) -> dict[str, float]:
-    trainer = make_trainer("tiny", [*shape, *RUN, "faults=[nan_grad@75]"])
+def measure(shape: list[str], repeats: int, rollbacks: int) -> dict[str, float]:
+    """``rollbacks`` NaN faults, 60 steps apart; after each rollback the same checkpoint
+    is loaded plainly ``repeats`` times, interleaved, so both see the same machine."""
+    faults = ",".join(f"nan_grad@{75 + 60 * i}" for i in range(rollbacks))
+    trainer = make_trainer(
+        "tiny", [*shape, *RUN, f"faults=[{faults}]", "policy.rollback.max_rollbacks=1000"]
+    )
     trainer._start_batch_schedule()
-    step_times = []
-    while True:
+    step_times, rollback_times, load_times, first_steps = [], [], [], []
+    while len(rollback_times) < rollbacks:
         start = time.perf_counter()
         trainer.step_once()  # the apply() at its end runs the rollback
         elapsed = time.perf_counter() - start
-        if trainer.decision.action == Action.ROLLBACK:
-            decided = trainer.state.step  # already the checkpoint's step
-            t0 = time.perf_counter()
-            trainer.step_once()  # the first resumed step
-            first_step = time.perf_counter() - t0
-            break
-        step_times.append(elapsed)
-        if trainer.cfg.checkpoint.every and trainer.state.step % trainer.cfg.checkpoint.every == 0:
-            trainer.save_checkpoint()
-            trainer.finish_checkpoints()
-    ordinary = statistics.median(step_times[-20:])
-    rollback_seconds = trainer.run.rollbacks[-1]["seconds"]
-    ckpt = next(c for c in list_checkpoints(trainer.checkpointer.root) if c.step == decided)
-    loads = []
-    for _ in range(repeats):
+        if trainer.decision.action != Action.ROLLBACK:
+            step_times.append(elapsed)
+            if trainer.state.step % trainer.cfg.checkpoint.every == 0:
+                trainer.save_checkpoint()
+                trainer.finish_checkpoints()
+            continue
+        rollback_times.append(trainer.run.rollbacks[-1]["seconds"])
+        ckpt = next(
+            c for c in list_checkpoints(trainer.checkpointer.root) if c.step == trainer.state.step
+        )
         t0 = time.perf_counter()
-        trainer.checkpointer.load(trainer.engine, ckpt)
-        loads.append(time.perf_counter() - t0)
-    load = statistics.median(loads)
+        trainer.step_once()  # the first resumed step
+        first_steps.append(time.perf_counter() - t0)
+        position, state = trainer.sampler.position, trainer.state
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            trainer.checkpointer.load(trainer.engine, ckpt)
+            load_times.append(time.perf_counter() - t0)
+        trainer.restore(ckpt)  # back where the run was, then on
+        trainer.sampler.position, trainer.state = position, state
+        trainer.step_once()
+    rollback = statistics.median(rollback_times)
+    load = statistics.median(load_times)
     return {
-        "rollback_seconds": rollback_seconds,
+        "rollback_seconds": rollback,
+        "rollback_seconds_all": rollback_times,
         "plain_load_seconds": load,
-        "ratio": rollback_seconds / load,
-        "ordinary_step_seconds": ordinary,
-        "first_resumed_step_seconds": first_step,
-        "checkpoint_step": decided,
+        "ratio": rollback / load,
+        "ordinary_step_seconds": statistics.median(step_times[-20:]),
+        "first_resumed_step_seconds": statistics.median(first_steps),
     }
 
 
@@ -74,16 +83,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="tiny,wide")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rollbacks", type=int, default=5)
     args = ap.parse_args()
     report = {}
     for name in args.shapes.split(","):
-        report[name] = measure(SHAPES[name], args.repeats)
+        report[name] = measure(SHAPES[name], args.repeats, args.rollbacks)
         r = report[name]
         print(
             f"{name:5s} rollback {r['rollback_seconds'] * 1e3:8.1f} ms   plain load "
             f"{r['plain_load_seconds'] * 1e3:8.1f} ms   ratio {r['ratio']:.2f}  "
-            f"(checkpoint step-{r['checkpoint_step']}, ordinary step "
-            f"{r['ordinary_step_seconds'] * 1e3:.0f} ms)"
+            f"(median of {len(r['rollback_seconds_all'])} rollbacks; ordinary step "
+            f"{r['ordinary_step_seconds'] * 1e3:.0f} ms, first resumed step "
+            f"{r['first_resumed_step_seconds'] * 1e3:.0f} ms)"
         )
     print(json.dumps(report))
     return 0

@@ -16,8 +16,10 @@ the sampler position before each recent step.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yoto.events import EventKind, Severity
@@ -76,6 +78,11 @@ class RunState:
             if key in self.__dict__:
                 setattr(self, key, value)
         self.positions = {}
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def find_good_checkpoint(trainer: Trainer, onset: int) -> CheckpointDir | None:
@@ -138,10 +145,15 @@ def rollback(trainer: Trainer, decision: Decision) -> bool:
         "attempt": run.max_attempt,
     }
     run.rollbacks.append(record)
-    if trainer.info.is_main:  # the abandoned branch's checkpoints
+    if trainer.info.is_main:  # the abandoned branch's checkpoints: out of sight at once
+        doomed = []
         for other in list_checkpoints(trainer.checkpointer.root):
             if other.step > ckpt.step:
-                shutil.rmtree(other.path, ignore_errors=True)
+                hidden = other.path.with_name(f".abandoned-{other.path.name}-a{run.max_attempt}")
+                other.path.rename(hidden)
+                doomed.append(hidden)
+        if doomed:  # and deleted off the training path
+            threading.Thread(target=_remove, args=(doomed,), daemon=True).start()
     distributed.barrier()
     record["seconds"] = time.perf_counter() - started  # decision to ready-to-train
     trainer.event(
