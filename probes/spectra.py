@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from yoto import catalog
@@ -146,7 +147,9 @@ class SpectraProbe:
         self._out: dict[str, bool] = {}  # layer -> out of the alpha band at its last analysis
 
     def attach(self, model: nn.Module, engine: Any) -> None:
-        if self.zero_stage < 3:
+        # rank 0 alone: the replicas' weights are equal (ZeRO 0-2) and rank 0 writes the run
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.zero_stage < 3 and rank == 0:
             self._model = model
 
     def detach(self) -> None:
