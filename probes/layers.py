@@ -111,24 +111,30 @@ class LayerStatsProbe:
         self._rms.setdefault(layer, []).append(output.detach().float().pow(2).mean().sqrt())
 
     def _attn_hook(self, layer: int, n_head: int) -> Any:
-        def hook(q: torch.Tensor, k: torch.Tensor) -> None:
+        def hook(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> None:
             if torch.is_grad_enabled() and layer not in self._attn:
-                self.guard.run(self._record_attention, layer, n_head, q, k)
+                self.guard.run(self._record_attention, layer, n_head, q, k, mask)
 
         return hook
 
-    def _record_attention(self, layer: int, n_head: int, q: torch.Tensor, k: torch.Tensor) -> None:
+    def _record_attention(
+        self, layer: int, n_head: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Sampled heads and the last query rows of the first sequence, with the layer's own
+        bias and mask (ALiBi, causal or prefix), so the logits are the ones softmaxed."""
         heads = torch.linspace(0, n_head - 1, min(self.cfg.attention_heads, n_head)).long()
         T = q.size(2)
         rows = torch.arange(max(0, T - self.cfg.attention_rows), T, device=q.device)
-        qs = q[0, heads.to(q.device)][:, rows].detach().float()  # (h, r, D)
-        ks = k[0, heads.to(k.device)].detach().float()  # (h, T, D)
-        logits = qs @ ks.transpose(-1, -2) / math.sqrt(q.size(-1))  # (h, r, T)
-        future = torch.arange(T, device=q.device)[None, :] > rows[:, None]  # causal mask
-        logits = logits.masked_fill(future, float("-inf"))
+        heads = heads.to(q.device)
+        qs = q[0, heads][:, rows].detach().float()  # (h, r, D)
+        ks = k[0, heads].detach().float()  # (h, T, D)
+        scores = qs @ ks.transpose(-1, -2) / math.sqrt(q.size(-1))  # (h, r, T)
+        add = mask[heads if mask.size(0) > 1 else 0][..., rows, :].float()  # (h or r, ...)
+        logits = scores + add
+        seen = torch.isfinite(logits)
         logp = torch.log_softmax(logits, dim=-1)
-        entropy = -(logp.exp() * logp.masked_fill(future, 0.0)).sum(-1).mean()
-        self._attn[layer] = (logits.amax(), entropy)
+        entropy = -(logp.exp() * logp.masked_fill(~seen, 0.0)).sum(-1).mean()
+        self._attn[layer] = (logits.masked_fill(~seen, float("-inf")).amax(), entropy)
 
     def _head_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         if self._on and torch.is_grad_enabled():

@@ -61,6 +61,15 @@ def check_precision(cfg: Config, device: torch.device) -> None:
         )
 
 
+def check_model(cfg: Config, device: torch.device) -> None:
+    """Model choices the device cannot train."""
+    if cfg.model.attention.backend == "flex" and device.type != "cuda":
+        raise ConfigError(
+            "model.attention.backend='flex' trains on CUDA only (FlexAttention has no CPU "
+            "backward); use auto (SDPA with an explicit mask here) or sdpa"
+        )
+
+
 def own_clipping(cfg: Config) -> bool:
     """True where DeepSpeed would clip without keeping the norm (fp32, no ZeRO)."""
     return cfg.train.precision == "fp32" and cfg.train.zero_stage == 0

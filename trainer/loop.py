@@ -30,9 +30,10 @@ with the loss, the policy's action broadcast from rank 0 (only when there are se
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from yoto import catalog
@@ -47,6 +48,7 @@ from .batch_control import BatchController
 from .checkpoint import CheckpointDir, Checkpointer
 from .distributed import DistInfo
 from .faults import FaultInjector
+from .flops import flops_per_token, mfu, peak_flops
 from .policy import Action, Decision, Policy, agree
 from .progress import Progress
 from .rollback import RunState, find_good_checkpoint, rollback
@@ -59,6 +61,7 @@ class TrainState:
     step: int = 0  # optimizer steps done on the surviving branch
     tokens: int = 0  # training tokens consumed on it
     attempt: int = 0  # +1 at each rollback or replaying resume
+    source_tokens: dict[str, int] = field(default_factory=dict)  # per data source
 
 
 class Trainer:
@@ -93,6 +96,8 @@ class Trainer:
         self.verdicts: list[Verdict] = []  # of the last step
         self.decision = Decision(Action.NONE)  # of the last step
         self.b_noise: float | None = None  # latest gradient noise scale, sequences
+        self.flops_per_token = flops_per_token(cfg.model, engine.module.vocab_size)
+        self.peak = peak_flops(cfg.train.peak_tflops, info.device)
 
     # --- events ---------------------------------------------------------------------------
 
@@ -318,7 +323,8 @@ class Trainer:
             # accumulation count changes (batch warmup)
             boundary = micro == n_micro - 1
             engine.set_gradient_accumulation_boundary(boundary)
-            loss = engine(tokens[:, :-1], tokens[:, 1:])
+            prefix = self._prefix_lengths(step, micro, tokens.size(0))
+            loss = engine(tokens[:, :-1], tokens[:, 1:], prefix)
             loss = loss * self.faults.loss_factor() if self.faults.faults else loss
             poison = self.faults.poison_grads(engine.module) if self.faults.faults else None
             engine.backward(loss)
@@ -345,6 +351,12 @@ class Trainer:
 
         s.step += 1
         s.tokens += batch_size * cfg.model.seq_len
+        per_source = (
+            np.bincount(self.sampler.sources_of(windows), minlength=len(self.sampler.sources))
+            * cfg.model.seq_len
+        )
+        for name, count in zip(self.sampler.sources, map(int, per_source), strict=True):
+            s.source_tokens[name] = s.source_tokens.get(name, 0) + count
         runner = self.runner
         runner.add(Sample(catalog.TRAIN_LOSS.name, loss_mean))
         if grad_norm is not None:
@@ -376,8 +388,30 @@ class Trainer:
         duration = time.perf_counter() - started
         values[catalog.STEP_DURATION.name] = duration
         values[catalog.THROUGHPUT.name] = batch_size * cfg.model.seq_len / duration
+        utilisation = mfu(
+            values[catalog.THROUGHPUT.name], self.flops_per_token, self.peak, info.world
+        )
+        if utilisation is not None:
+            values[catalog.MFU.name] = utilisation
+        for name, count in s.source_tokens.items():
+            values[catalog.SOURCE_TOKENS.key(source=name)] = float(count)
         stop = bool(flags[0]) if flags else self.stop_requested
         return values, stop
+
+    def _prefix_lengths(
+        self, step: int, micro: int, n: int, fixed: bool = False
+    ) -> torch.Tensor | None:
+        """Prefix-LM: a prefix length per sequence, uniform in [1, T - 1], drawn from a
+        generator seeded by (seed, step, micro, rank), so a resumed or rolled-back run
+        draws the same ones; validation uses T // 2 for every sequence."""
+        if self.cfg.model.attention.pattern != "prefix":
+            return None
+        T = self.cfg.model.seq_len
+        if fixed:
+            return torch.full((n,), T // 2, device=self.info.device)
+        seed = hash((self.cfg.train.seed, step, micro, self.info.rank)) % 2**63
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(1, T, (n,), generator=gen).to(self.info.device)
 
     # --- validation ---------------------------------------------------------------------
 
@@ -390,7 +424,8 @@ class Trainer:
         for i, batches in enumerate(self.val_batches.values()):
             for batch in batches:
                 batch = batch.to(info.device, non_blocking=True)
-                loss = engine(batch[:, :-1], batch[:, 1:])
+                prefix = self._prefix_lengths(0, 0, batch.size(0), fixed=True)
+                loss = engine(batch[:, :-1], batch[:, 1:], prefix)
                 sums[i, 0] += loss.double() * batch.size(0)
                 sums[i, 1] += batch.size(0)
         engine.train()

@@ -1,16 +1,19 @@
-"""A GPT: pre-norm transformer blocks, learned positions, GELU MLP, tied embeddings.
+"""A GPT with the architecture choices the BigScience (BLOOM) group compared.
 
-Read top to bottom: GPT -> Block -> (CausalSelfAttention, MLP). Variants chosen in config
-(position encoding, activation, norm) are picked once in ``__init__`` through the small
-factories below, so the forward pass has no config branches.
+Read top to bottom: GPT -> Block -> (SelfAttention in attention.py, MLP). Every choice
+(position, attention pattern and backend, activation, norm, embedding norm, QK norm) is
+made once in ``__init__`` through the small factories below; the forward pass has no
+config branches beyond "is this module present".
 
-Shapes: B batch, T sequence length, C = d_model, H heads, D = C // H, V vocabulary.
+Positions: ``learned`` and ``sinusoidal`` are added to the token embedding; ``rotary`` and
+``alibi`` act inside attention; ``none`` relies on the causal mask alone.
+
+Shapes: B batch, T sequence length, C = d_model, V vocabulary, P prefix lengths (B,).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,71 +21,86 @@ from torch import nn
 
 from yoto.config import ModelConfig
 
+from .attention import SelfAttention
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-    raise ValueError(f"model.norm={cfg.norm!r} is not implemented")
+GLU = ("geglu", "swiglu")
 
 
-def make_activation(cfg: ModelConfig) -> nn.Module:
-    if cfg.activation == "gelu":
-        return nn.GELU(approximate="tanh")
-    raise ValueError(f"model.activation={cfg.activation!r} is not implemented")
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.proj.residual_out = True  # scaled init
-        self.dropout = cfg.dropout
-        # An observation point for probes (attention logit max / entropy on probe steps):
-        # called with q, k (B, H, T, D) as the kernel sees them. None on every other step,
-        # so the fused kernel never materialises the attention matrix.
-        self.stats_hook: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # (B, H, T, D); SDPA picks the fused kernel for the device
-        if self.stats_hook is not None:
-            self.stats_hook(q, k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.proj(y)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def norm_factory(cfg: ModelConfig):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm
+    return lambda dim: nn.LayerNorm(dim, bias=cfg.bias)
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """The MLP's hidden width: 2/3 of the plain width for GLUs, whose three matrices then
+    hold as many parameters as the plain MLP's two."""
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
+    hidden = cfg.mlp_ratio * cfg.d_model
+    return round(2 * hidden / 3) if cfg.activation in GLU else int(hidden)
+
+
+def sinusoidal_table(T: int, C: int) -> torch.Tensor:
+    """The Transformer's fixed positions: (T, C) of sin and cos at geometric frequencies."""
+    position = torch.arange(T).float()[:, None]
+    freq = torch.exp(torch.arange(0, C, 2).float() * (-math.log(10000.0) / C))
+    table = torch.zeros(T, C)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: C // 2])
+    return table
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.act = make_activation(cfg)
+        hidden = mlp_hidden(cfg)
+        self.glu = cfg.activation in GLU
+        self.fc = nn.Linear(cfg.d_model, (2 if self.glu else 1) * hidden, bias=cfg.bias)
+        self.act = {
+            "gelu": lambda x: F.gelu(x, approximate="tanh"),
+            "relu": F.relu,
+            "relu2": lambda x: F.relu(x).square(),
+            "geglu": lambda x: F.gelu(x, approximate="tanh"),
+            "swiglu": F.silu,
+        }[cfg.activation]
         self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(self.act(self.fc(x))))  # (B, T, C)
+        h = self.fc(x)  # (B, T, hidden) or (B, T, 2 * hidden) for a GLU
+        if self.glu:
+            gate, value = h.chunk(2, dim=-1)
+            h = self.act(gate) * value
+        else:
+            h = self.act(h)
+        return self.drop(self.proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln_attn = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_mlp = make_norm(cfg)
+        make_norm = norm_factory(cfg)
+        self.ln_attn = make_norm(cfg.d_model)
+        self.attn = SelfAttention(cfg, make_norm)
+        self.ln_mlp = make_norm(cfg.d_model)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x)))
+    def forward(self, x: torch.Tensor, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), prefix_len))
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -91,14 +109,23 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        make_norm = norm_factory(cfg)
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
+        if cfg.position == "sinusoidal":
+            self.register_buffer(
+                "pos_table", sinusoidal_table(cfg.seq_len, cfg.d_model), persistent=False
+            )
+        else:
+            self.pos_table = None
+        self.embed_norm = make_norm(cfg.d_model) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg)
+        self.ln_f = make_norm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.prefix_loss = cfg.attention.prefix_loss
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -113,29 +140,48 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids. With targets (B, T): the mean cross-entropy (a 0-d float32
-        tensor). Without: the logits (B, T, V)."""
-        T = idx.size(1)  # idx (B, T)
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids; prefix_len (B,) for a prefix-LM (ignored when causal).
+        With targets (B, T): the mean cross-entropy (0-d, float32); without: the logits
+        (B, T, V)."""
+        T = idx.size(1)
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        elif self.pos_table is not None:
+            x = x + self.pos_table[:T].to(x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, prefix_len)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits
+        if prefix_len is not None and not self.prefix_loss:
+            # position t predicts token t + 1: inside the prefix while t + 1 < P
+            inside = torch.arange(T, device=idx.device)[None, :] + 1 < prefix_len[:, None]
+            targets = targets.masked_fill(inside, -100)
         # fp32 softmax: a bf16 log-partition over V entries loses the small differences
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+        )
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (tied weights counted once). Non-embedding excludes token and
         position embeddings, as in Kaplan et al."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.pos_emb.weight.numel()
             n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
         return n
 
     @torch.no_grad()
@@ -146,13 +192,20 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
     ) -> torch.Tensor:
-        """Sample continuations of idx (B, T); returns (B, T + max_new_tokens)."""
+        """Sample continuations of idx (B, T); returns (B, T + max_new_tokens). A prefix-LM
+        reads the prompt as its prefix (bidirectionally); what it writes is causal."""
+        prompt = idx.size(1)
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.cfg.seq_len :]
-            logits = self(ctx)[:, -1, :].float() / max(temperature, 1e-6)  # (B, V)
+            prefix = None
+            if self.cfg.attention.pattern == "prefix":
+                dropped = idx.size(1) - ctx.size(1)  # prompt tokens slid out of the window
+                seen = max(0, min(prompt - dropped, ctx.size(1)))
+                prefix = torch.full((idx.size(0),), seen, device=idx.device)
+            logits = self(ctx, prefix_len=prefix)[:, -1, :].float() / max(temperature, 1e-6)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
         return idx

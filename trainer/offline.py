@@ -1,10 +1,12 @@
-"""Offline analyses of a run's checkpoints (``yoto spectra RUN_DIR --step S``)."""
+"""Offline uses of a run's checkpoints: ``yoto spectra RUN_DIR --step S`` and
+``yoto sample RUN_DIR --prompt ...``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from yoto import runstore
@@ -12,6 +14,7 @@ from yoto.config import load_config
 from yoto.errors import RunDirError
 from yoto.probes.spectra import TABLE, analyze, weight_matrices
 
+from . import tokenizer
 from .checkpoint import verify
 from .model import GPT
 from .run import vocab_size
@@ -57,3 +60,31 @@ def spectra_for_checkpoint(
         attempt = int(client.get("state", {}).get("attempt", 0))
         runstore.append_records(run_dir, TABLE, attempt, step, rows)
     return rows
+
+
+def sample(
+    run_dir: str | Path,
+    prompt: str,
+    step: int | None = None,
+    tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    seed: int = 0,
+) -> tuple[int, str]:
+    """Continue ``prompt`` with the model of checkpoint ``step`` (default: the newest
+    complete one); a prefix-LM reads the prompt as its prefix. Returns (step, text)."""
+    run_dir = runstore.require_run_dir(run_dir)
+    if step is None:
+        complete = [
+            c.step for c in runstore.list_checkpoints(run_dir / runstore.CHECKPOINTS) if c.complete
+        ]
+        if not complete:
+            raise RunDirError(f"{run_dir} has no complete checkpoint to sample from")
+        step = complete[-1]
+    model, _ = checkpoint_model(run_dir, step)
+    model.eval()
+    ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.EOS])
+    idx = torch.from_numpy(ids.astype(np.int64))[None, :]
+    torch.manual_seed(seed)
+    out = model.generate(idx, tokens, temperature=temperature, top_k=top_k)
+    return step, tokenizer.decode(out[0, idx.size(1) :].numpy())

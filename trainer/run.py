@@ -54,11 +54,12 @@ def prepare(
     """Everything before the run directory: checks, process group, data, model."""
     device = distributed.choose_device(cfg.train.device)
     eng.check_precision(cfg, device)
+    eng.check_model(cfg, device)
     info = distributed.setup(device)
     eng.deepspeed_config(cfg, info.world)  # batch divisibility for this world size
     vocab = vocab_size(cfg)
     corpus = load_corpus(cfg.data, min_tokens=cfg.model.seq_len + 1)
-    sampler = Sampler(corpus, cfg.model.seq_len, cfg.train.seed)
+    sampler = Sampler(corpus, cfg.model.seq_len, cfg.train.seed, cfg.data.alpha)
     val = {
         source: validation_batches(
             split.val,

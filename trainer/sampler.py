@@ -22,11 +22,14 @@ from yoto.errors import DataError
 
 from .corpus import Corpus
 
+_BLOCK = 4096  # source draws of the mixture are made this many at a time
+
 
 class Sampler:
-    def __init__(self, corpus: Corpus, seq_len: int, seed: int) -> None:
+    def __init__(self, corpus: Corpus, seq_len: int, seed: int, alpha: float = 1.0) -> None:
         self.seq_len = seq_len
         self.seed = seed
+        self.alpha = alpha
         streams = [s.train for s in corpus.sources.values()]
         self.sources = list(corpus.sources)
         self.tokens = np.concatenate(streams)
@@ -49,6 +52,16 @@ class Sampler:
         self.position = 0
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
+        # the temperature mixture (alpha != 1): p_i ~ n_i^alpha over the sources' tokens
+        sizes = np.array([len(s) for s in streams], dtype=np.float64)
+        weights = sizes**alpha
+        self.probs = weights / weights.sum()
+        self._windows_per_source = counts
+        self._first_window = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self._cursor = 0  # the mixture's draw counts below are for positions < cursor
+        self._drawn = np.zeros(len(streams), dtype=np.int64)
+        self._block: tuple[int, np.ndarray] | None = None
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def num_windows(self) -> int:
@@ -56,6 +69,8 @@ class Sampler:
 
     def _windows(self, first: int, count: int) -> np.ndarray:
         """Window indices of sequences [first, first + count) of the run."""
+        if self.alpha != 1.0:
+            return self._mixture(first, count)
         out = np.empty(count, dtype=np.int64)
         n = self.num_windows
         done = 0
@@ -69,6 +84,59 @@ class Sampler:
             out[done : done + take] = self._perm[offset : offset + take]
             done += take
         return out
+
+    def _choices(self, block: int) -> np.ndarray:
+        """The sources of sequences [block * _BLOCK, (block + 1) * _BLOCK)."""
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng([self.seed, 1, block])
+            self._block = (block, rng.choice(len(self.probs), size=_BLOCK, p=self.probs))
+        return self._block[1]
+
+    def _sources(self, first: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            block, offset = divmod(first + done, _BLOCK)
+            take = min(count - done, _BLOCK - offset)
+            out[done : done + take] = self._choices(block)[offset : offset + take]
+            done += take
+        return out
+
+    def _mixture(self, first: int, count: int) -> np.ndarray:
+        """Temperature sampling (mT5, XLM-R): sequence k's source is drawn with probability
+        p_i from a generator seeded by (seed, k // _BLOCK); the j-th draw from a source is
+        window j of a seeded per-source permutation (a new one each pass over the source).
+        Still a pure function of (seed, k): the draw counts before ``first`` are replayed
+        when the sampler jumps back (resume, rollback)."""
+        if first < self._cursor:
+            self._cursor, self._drawn = 0, np.zeros_like(self._drawn)
+        if first > self._cursor:
+            self._drawn += np.bincount(
+                self._sources(self._cursor, first - self._cursor), minlength=len(self.probs)
+            )
+        sources = self._sources(first, count)
+        out = np.empty(count, dtype=np.int64)
+        for s in np.unique(sources):
+            where = np.flatnonzero(sources == s)
+            draws = self._drawn[s] + np.arange(len(where))
+            n = self._windows_per_source[s]
+            for epoch in np.unique(draws // n):
+                sel = draws // n == epoch
+                out[where[sel]] = (
+                    self._first_window[s] + self._perm_of(int(s), int(epoch))[draws[sel] % n]
+                )
+            self._drawn[s] += len(where)
+        self._cursor = first + count
+        return out
+
+    def _perm_of(self, source: int, epoch: int) -> np.ndarray:
+        key = (source, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            n = self._windows_per_source[source]
+            self._perms[key] = np.random.default_rng([self.seed, 2, source, epoch]).permutation(n)
+        return self._perms[key]
 
     def next_global_batch(self, size: int) -> np.ndarray:
         """Window indices of the next optimizer step's ``size`` sequences; advances."""
@@ -105,6 +173,7 @@ class Sampler:
             "num_windows": self.num_windows,
             "seq_len": self.seq_len,
             "sources": list(self.sources),
+            "alpha": self.alpha,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -115,8 +184,9 @@ class Sampler:
                 ("num_windows", self.num_windows),
                 ("seq_len", self.seq_len),
                 ("sources", list(self.sources)),
+                ("alpha", self.alpha),
             )
-            if state.get(key) != now
+            if state.get(key, 1.0 if key == "alpha" else None) != now
         ]
         if mismatch:
             raise DataError(

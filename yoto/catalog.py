@@ -108,6 +108,20 @@ THROUGHPUT = _metric(
     "tokens_per_second",
     "Training tokens per second of the last step, over all ranks.",
 )
+MFU = _metric(
+    "yoto_mfu_ratio",
+    "gauge",
+    "ratio",
+    "Model FLOPs utilisation of the last step: model FLOP/s over the devices' dense peak "
+    "(trainer/flops.py has the count); absent where no peak is known (CPU).",
+)
+SOURCE_TOKENS = _metric(
+    "yoto_source_tokens_total",
+    "counter",
+    "tokens",
+    "Training tokens consumed from one data source on the surviving branch.",
+    labels=("source",),
+)
 ATTEMPT = _metric(
     "yoto_attempt",
     "gauge",

@@ -7,6 +7,7 @@
     yoto runs list [ROOT] [--json]
     yoto runs show RUN_DIR [--json]
     yoto spectra RUN_DIR --step S [--no-write] [--json]
+    yoto sample RUN_DIR [--prompt TEXT] [--step S] [--tokens N]
 
 Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
 printed as one clear message and exit with status 2; nothing else is caught.
@@ -78,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     sub.add_parser("presets", help="list the shipped presets")
+
+    p = sub.add_parser("sample", help="continue a prompt with a checkpoint's model")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="", help="text to continue (a prefix-LM's prefix)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete)")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("spectra", help="weightwatcher on a checkpoint's weight matrices")
     p.add_argument("run_dir")
@@ -253,6 +263,19 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from yoto.trainer.offline import sample
+
+    if args.tokens < 1 or args.temperature <= 0:
+        raise ConfigError("--tokens must be >= 1 and --temperature > 0")
+    step, text = sample(
+        args.run_dir, args.prompt, args.step, args.tokens, args.temperature, args.top_k, args.seed
+    )
+    print(f"[checkpoint step-{step}]", file=sys.stderr)
+    print(args.prompt + text)
+    return 0
+
+
 def cmd_spectra(args: argparse.Namespace) -> int:
     from yoto.trainer.offline import spectra_for_checkpoint
 
@@ -280,6 +303,7 @@ COMMANDS = {
     "config": cmd_config,
     "presets": cmd_presets,
     "spectra": cmd_spectra,
+    "sample": cmd_sample,
 }
 
 

@@ -23,8 +23,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AttentionConfig(Section):
+    backend: Literal["auto", "flex", "sdpa", "eager"] = Field(
+        "auto",
+        description="auto: FlexAttention on CUDA when there is a bias or a prefix, "
+        "else SDPA (flash); SDPA with an explicit mask on CPU. eager: the readable reference",
+    )
+    pattern: Literal["causal", "prefix"] = Field(
+        "causal",
+        description="prefix: bidirectional inside a prefix, causal after it",
+    )
+    prefix_loss: bool = Field(
+        True,
+        description="prefix-LM: also train on predicting the prefix's tokens (false: "
+        "the loss counts only the tokens after the prefix)",
+    )
+    qk_norm: bool = Field(False, description="normalise queries and keys per head")
+
+
 class ModelConfig(Section):
-    """GPT shape. Variants (position, activation, norm) grow with the architectures issue."""
+    """GPT shape and the architecture choices the BigScience group compared."""
 
     n_layer: int = Field(4, ge=1, description="transformer blocks")
     n_head: int = Field(4, ge=1, description="attention heads per block")
@@ -37,11 +55,19 @@ class ModelConfig(Section):
         "of 64 (set 50304 to match GPT-2's shape and FLOPs)",
     )
     mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / d_model")
+    mlp_hidden: int | None = Field(
+        None,
+        ge=1,
+        description="MLP hidden width; None = mlp_ratio x d_model, x 2/3 for GLU "
+        "activations so the parameter count matches",
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(True, description="biases in linear layers and norms")
-    position: Literal["learned"] = "learned"
-    activation: Literal["gelu"] = "gelu"
-    norm: Literal["layernorm"] = "layernorm"
+    position: Literal["learned", "sinusoidal", "rotary", "alibi", "none"] = "learned"
+    activation: Literal["gelu", "relu", "relu2", "geglu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    embed_norm: bool = Field(False, description="a norm after the token embedding (BLOOM)")
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
     tie_embeddings: bool = True
     init_std: float = Field(
         0.02, gt=0, description="std of weights; residual outputs get init_std / sqrt(2 * n_layer)"
@@ -52,6 +78,11 @@ class ModelConfig(Section):
         if self.d_model % self.n_head:
             raise ValueError(
                 f"model.d_model={self.d_model} must be a multiple of model.n_head={self.n_head}"
+            )
+        if self.position == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"model.position='rotary' needs an even head width; d_model / n_head = "
+                f"{self.d_model // self.n_head}"
             )
         return self
 
@@ -67,6 +98,13 @@ class DataConfig(Section):
     source_field: str = "source"
     val_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="held out per source")
     max_bytes_per_source: int | None = Field(None, ge=1024)
+    alpha: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="source mixture: sampled with probability ~ "
+        "size^alpha (1 = in proportion to size, 0 = uniform; mT5 used 0.3)",
+    )
     extensions: list[str] = Field(
         default_factory=lambda: [".txt", ".md", ".rst", ".py", ".jsonl", ".parquet"],
         description="file types read when a path is a folder",
@@ -122,6 +160,12 @@ class TrainConfig(Section):
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_warmup: BatchWarmupConfig = Field(default_factory=BatchWarmupConfig)
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="dense bf16/fp16 peak per device for MFU; None = from the "
+        "GPU's name (A100 312, H100 989, ...), no MFU on CPU",
+    )
     adaptive_batch: AdaptiveBatchConfig = Field(default_factory=AdaptiveBatchConfig)
 
     @model_validator(mode="after")
