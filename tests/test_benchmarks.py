@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
     [
         ("gpu_probe_syncs.py", '"added_by_probes_per_step"'),
         ("gpu_fp16_overflow.py", "PASS"),
+        ("gpu_throughput.py", '"yoto_probes_on"'),
     ],
 )
 def test_gpu_script_reduced_mode(script: str, expect: str) -> None:
