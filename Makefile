@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install system-deps demo test lint format clean
 
 install: $(STAMP)
 
@@ -24,7 +24,10 @@ demo: install
 	$(BIN)/yoto train --preset tiny --run-root runs --name demo --inject lr_spike@300
 	$(BIN)/yoto runs list runs
 
-test: install
+system-deps:
+	scripts/system-deps.sh
+
+test: install system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
