@@ -7,7 +7,8 @@ never by the string.
 
 Naming follows Prometheus: prefix ``yoto_``, base units in the name (``_seconds``,
 ``_tokens``), ``_total`` for counters, ``_ratio`` for 0-1 fractions, and labels whose values
-are bounded (layer, source, rank; never step or run id).
+are bounded (layer, source, rank; never step or run id, except on the ``yoto_run_info``
+metric whose only job is to name the run).
 
 A *series key* names one labelled series the way PromQL writes it: ``yoto_val_loss`` or
 ``yoto_val_loss{source="code"}``. It is the column name in the run directory's wide metric
@@ -364,6 +365,83 @@ HALTED = _metric(
     "1 once the policy halted the run (rollback budget spent, or nothing to roll back to).",
 )
 
+# --- live path (dashboards/live/exporter.py, alerts/notifier.py) --------------------------
+# Born in the exporter from what the trainer writes, so that a one-step event between two
+# scrapes still reaches Prometheus: window maxima reset at each scrape, counters of events.
+TRAIN_LOSS_WINDOW_MAX = _metric(
+    "yoto_train_loss_window_max",
+    "gauge",
+    "nats",
+    "Largest training loss since the previous scrape (a one-step spike is never missed).",
+)
+GRAD_NORM_WINDOW_MAX = _metric(
+    "yoto_grad_norm_window_max",
+    "gauge",
+    "",
+    "Largest global grad norm since the previous scrape.",
+)
+NONFINITE_LOSS_STEPS = _metric(
+    "yoto_nonfinite_loss_steps_total",
+    "counter",
+    "",
+    "Steps whose training loss was NaN or infinite.",
+)
+LAST_STEP_TIME = _metric(
+    "yoto_last_step_timestamp_seconds",
+    "gauge",
+    "seconds",
+    "Unix time at which the last optimizer step was recorded (a stalled run stops moving).",
+)
+EVENTS = _metric(
+    "yoto_events_total",
+    "counter",
+    "",
+    "Events written to the run's event log, by kind and severity.",
+    labels=("kind", "severity"),
+    cadence="event",
+)
+RUN_INFO = _metric(
+    "yoto_run_info",
+    "gauge",
+    "",
+    "Always 1; its labels name the run this process trains (join on instance).",
+    labels=("run", "name", "preset"),
+    cadence="event",
+)
+ALERTS_SENT = _metric(
+    "yoto_alerts_sent_total",
+    "counter",
+    "",
+    "Chat notifications delivered by the in-process notifier.",
+    labels=("channel",),
+    cadence="event",
+)
+ALERTS_FAILED = _metric(
+    "yoto_alerts_failed_total",
+    "counter",
+    "",
+    "Chat delivery attempts that failed (each retry counts).",
+    labels=("channel",),
+    cadence="event",
+)
+ALERTS_DROPPED = _metric(
+    "yoto_alerts_dropped_total",
+    "counter",
+    "",
+    "Notifications not sent: duplicate, rate_limited, queue_full or gave_up after retries.",
+    labels=("reason",),
+    cadence="event",
+)
+LAYER_SERIES_DROPPED = _metric(
+    "yoto_exporter_layer_series_dropped",
+    "gauge",
+    "",
+    "Per-layer series not exported because of live.layer_series_max (the run directory "
+    "keeps them all).",
+    cadence="event",
+)
+
+
 # --- probe health (probes/runner.py) ------------------------------------------------------
 PROBE_FAILURES = _metric(
     "yoto_probe_failures_total",
@@ -419,7 +497,8 @@ def check_catalog() -> list[str]:
         if metric.unit in ("seconds", "bytes") and metric.unit not in metric.name:
             problems.append(f"{metric.name}: the base unit {metric.unit} must be in the name")
         for label in metric.labels:
-            if not _LABEL.match(label) or label in ("step", "run", "run_id", "time"):
+            unbounded = label in ("step", "run", "run_id", "time")
+            if not _LABEL.match(label) or (unbounded and not metric.name.endswith("_info")):
                 problems.append(f"{metric.name}: label {label!r} is not a bounded label")
         if not metric.help.strip():
             problems.append(f"{metric.name}: help text is empty")
