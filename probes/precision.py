@@ -12,7 +12,7 @@ Emits every ``probes.precision.every`` steps:
 | yoto_overflow_steps_total | counter | all | steps with inf/nan gradients |
 | yoto_consecutive_overflow_steps | gauge | all | overflow steps in a row |
 | yoto_loss_scale | gauge | fp16 | dynamic loss scale after the step |
-| yoto_loss_scale_headroom_bits | gauge | fp16 | log2(scale / DeepSpeed's minimum) |
+| yoto_loss_scale_headroom_log2 | gauge | fp16 | log2(scale / DeepSpeed's minimum) |
 | yoto_loss_scale_steps_since_growth | gauge | fp16 | steps since the scale last grew |
 
 and every ``probes.precision.detail_every`` steps, by hooks active on those steps only:
@@ -21,7 +21,7 @@ and every ``probes.precision.detail_every`` steps, by hooks active on those step
 |---|---|---|---|
 | yoto_grad_underflow_ratio | gauge | | weight-gradient entries that are 0 or subnormal |
 | yoto_activation_absmax | gauge | layer | max abs value at a block's output |
-| yoto_activation_headroom_bits | gauge | layer | log2(dtype max / absmax) |
+| yoto_activation_headroom_log2 | gauge | layer | log2(dtype max / absmax) |
 
 The underflow ratio counts the weight matrices' gradients as the hooks see them (scaled by
 the loss scale under fp16, which is the point of loss scaling); embedding tables are left

@@ -22,7 +22,7 @@ import torch
 from yoto import runstore
 from yoto.config import Config
 from yoto.errors import ConfigError, YotoError
-from yoto.events import Event, EventKind, Severity, Sinks
+from yoto.events import Event, EventKind, LiveSink, Severity, Sinks
 from yoto.probes.runner import ProbeRunner
 from yoto.probes.suite import build_runner
 from yoto.runstore import RunStore
@@ -99,8 +99,11 @@ def train(
     name: str = "run",
     resume: str | Path | None = None,
     argv: list[str] | None = None,
+    live: list[LiveSink] | None = None,
 ) -> Path:
-    """Train one run (or resume one); returns its run directory."""
+    """Train one run (or resume one); returns its run directory. ``live`` sinks (the
+    Prometheus exporter, the chat notifier; rank 0 only) are bound to the run once its
+    directory exists and closed with it."""
     info, corpus, sampler, val, model = prepare(cfg)
     store = (
         _open_store(cfg, info, run_root, name, resume, argv, model, corpus)
@@ -108,7 +111,11 @@ def train(
         else None
     )
     run_dir = Path(distributed.broadcast_object(str(store.path) if store else None))
-    sinks = Sinks(durable=store)
+    sinks = Sinks(durable=store, live=list(live or []) if store is not None else [])
+    if store is not None:
+        run = {"run": store.manifest["id"], "name": store.manifest.get("name", name)}
+        for sink in sinks.live:
+            store.update_manifest(**sink.bind_run(run))
 
     status = "crashed"
     trainer: Trainer | None = None
@@ -146,7 +153,7 @@ def train(
             step = trainer.state.step if trainer else 0
             attempt = trainer.state.attempt if trainer else 0
             message = f"resume refused: {exc}" if refused else f"run {status}: {detail}"
-            store.write_event(
+            sinks.write_event(
                 Event(
                     step,
                     attempt,
@@ -156,7 +163,7 @@ def train(
                     {"status": status},
                 )
             )
-            store.close(status)
+            sinks.close(status)
         raise
     finally:
         if runner is not None:

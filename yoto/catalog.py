@@ -181,9 +181,9 @@ GRADIENT_TRACE_SIGMA = _metric(
 # --- precision (probes/precision.py) ------------------------------------------------------
 LOSS_SCALE = _metric("yoto_loss_scale", "gauge", "", "fp16 dynamic loss scale.")
 LOSS_SCALE_HEADROOM = _metric(
-    "yoto_loss_scale_headroom_bits",
+    "yoto_loss_scale_headroom_log2",
     "gauge",
-    "bits",
+    "log2",
     "log2(loss scale / DeepSpeed's minimum scale): halvings left before the run stops.",
 )
 LOSS_SCALE_STEPS_SINCE_GROWTH = _metric(
@@ -220,9 +220,9 @@ ACTIVATION_ABSMAX = _metric(
     cadence="probe",
 )
 ACTIVATION_HEADROOM = _metric(
-    "yoto_activation_headroom_bits",
+    "yoto_activation_headroom_log2",
     "gauge",
-    "bits",
+    "log2",
     "log2(dtype max / activation absmax) at a block's output.",
     labels=("layer",),
     cadence="probe",

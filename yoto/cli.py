@@ -16,8 +16,10 @@ printed as one clear message and exit with status 2; nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a fault (lr_spike, bad_batch, nan_grad, weight_blowup, "
         "fp16_overflow), e.g. --inject lr_spike@300 (repeatable)",
     )
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (default live.metrics_addr, 127.0.0.1:9477; 0 = off)",
+    )
 
     p = sub.add_parser("config", help="print the resolved configuration (validates it)")
     _add_config_args(p)
@@ -94,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, required=True, help="a complete checkpoint's step")
     p.add_argument("--no-write", action="store_true", help="print only; leave spectra/ as is")
     p.add_argument("--json", action="store_true")
+
+    alerts = sub.add_parser("alerts", help="alert rules, Alertmanager config, chat test")
+    alerts_sub = alerts.add_subparsers(dest="alerts_command", required=True)
+    p = alerts_sub.add_parser(
+        "build", help="write the Prometheus rules and Alertmanager config into deploy/"
+    )
+    p.add_argument("--out", default="deploy", metavar="DIR", help="deploy folder (default)")
+    _add_config_args(p)
+    p = alerts_sub.add_parser("test", help="send one test message to a chat URL (Apprise)")
+    p.add_argument(
+        "url",
+        nargs="?",
+        help="Apprise URL, e.g. slack://..., json://host:port/path (default: the notify "
+        "config's URLs, from $YOTO_NOTIFY_URLS or notify.urls_file)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for delivery")
 
     runs = sub.add_parser("runs", help="summarise run directories")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -133,10 +156,95 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.log.progress = False
     if args.inject:
         cfg.faults = [*cfg.faults, *args.inject]
+    if args.metrics_addr is not None:
+        cfg.live.metrics_addr = args.metrics_addr
+    preset = args.preset or (Path(args.config).stem if args.config else DEFAULT_PRESET)
+    live = live_sinks(cfg, preset)  # binds the port now: a busy one fails before training
     from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
 
-    train(cfg, run_root=args.run_root, name=name, resume=args.resume, argv=sys.argv[1:])
+    try:
+        train(
+            cfg,
+            run_root=args.run_root,
+            name=name,
+            resume=args.resume,
+            argv=sys.argv[1:],
+            live=live,
+        )
+    finally:
+        for sink in live:  # closed by the run already, unless it failed before starting
+            with contextlib.suppress(Exception):
+                sink.close("crashed")
     return 0
+
+
+def live_sinks(cfg: config_mod.Config, preset: str) -> list[Any]:
+    """The Prometheus exporter and the chat notifier, on the process that writes the run
+    (global rank 0, as the launchers set RANK); none elsewhere."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    from yoto.alerts.notifier import ChatNotifier, resolve_urls
+    from yoto.dashboards.live.exporter import Exporter, parse_addr
+
+    sinks: list[Any] = []
+    urls = resolve_urls(cfg.notify)
+    notifier = ChatNotifier(urls, cfg.notify, link=cfg.notify.link) if urls else None
+    addr = parse_addr(cfg.live.metrics_addr)
+    if addr is not None:
+        exporter = Exporter(
+            preset,
+            cfg.live.layer_series_max,
+            extra=notifier.stats if notifier is not None else None,
+        )
+        bound = exporter.serve(addr, cfg.live.port_search)
+        logging.getLogger("yoto").info("serving /metrics on http://%s/metrics", bound)
+        sinks.append(exporter)
+    if notifier is not None:
+        sinks.append(notifier)
+    return sinks
+
+
+def cmd_alerts_build(args: argparse.Namespace) -> int:
+    from yoto.alerts import alertmanager, rules
+
+    out = Path(args.out)
+    files = {
+        out / rules.RULES_FILE.relative_to("deploy"): rules.render(
+            rules.build_rules(resolve_config(args))
+        ),
+        out / alertmanager.CONFIG_FILE.relative_to("deploy"): alertmanager.render(),
+    }
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        runstore.atomic_write_bytes(path, text.encode())
+        print(path)
+    return 0
+
+
+def cmd_alerts_test(args: argparse.Namespace) -> int:
+    """One message through the same notifier a run uses; exit 1 when it was not delivered."""
+    from yoto.alerts.notifier import ChatNotifier, channel_of, resolve_urls
+    from yoto.events import Event, EventKind, Severity
+
+    cfg = config_mod.Config()
+    urls = [args.url] if args.url else resolve_urls(cfg.notify)
+    if not urls:
+        raise ConfigError(
+            f"no chat URL: give one (yoto alerts test slack://...) or set ${cfg.notify.urls_env}"
+        )
+    cfg.notify.give_up_after_seconds = args.timeout
+    cfg.notify.backoff_seconds = min(cfg.notify.backoff_seconds, args.timeout / 4)
+    notifier = ChatNotifier(urls, cfg.notify, {"run": "test", "name": "yoto alerts test"})
+    notifier.notify(Event(0, 0, EventKind.ALERT, Severity.WARNING, "a test message from yoto", {}))
+    notifier.close(timeout=args.timeout)
+    ok = True
+    for channel in notifier.channels:
+        sent = notifier.sent[channel.name] > 0
+        ok &= sent
+        print(f"{channel.name}: {'delivered' if sent else 'NOT delivered'}")
+    if not ok:
+        print(f"see the log above; URLs tried: {', '.join(channel_of(u) for u in urls)}")
+    return 0 if ok else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -321,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
+        if args.command == "alerts":
+            return {"build": cmd_alerts_build, "test": cmd_alerts_test}[args.alerts_command](args)
         if args.command == "runs":
             return (cmd_runs_list if args.runs_command == "list" else cmd_runs_show)(args)
         return COMMANDS[args.command](args)

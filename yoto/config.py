@@ -346,6 +346,57 @@ class PolicyConfig(Section):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
 
 
+class LiveConfig(Section):
+    """The Prometheus exporter on rank 0 (dashboards/live/exporter.py)."""
+
+    metrics_addr: str = Field(
+        "127.0.0.1:9477",
+        description="HOST:PORT of /metrics (port 0: any free port; 0.0.0.0:PORT to be "
+        "scraped from another machine); '0' turns the exporter off",
+    )
+    port_search: int = Field(
+        10, ge=0, description="when the port is busy, try this many following ports (0: fail)"
+    )
+    layer_series_max: int = Field(
+        1000, ge=0, description="per-layer series exported at most, spread over the depth"
+    )
+
+
+class NotifyConfig(Section):
+    """Chat messages from the trainer itself, through Apprise (alerts/notifier.py)."""
+
+    webhook_urls: list[str] = Field(
+        default_factory=list,
+        description="Apprise URLs (slack://, discord://, msteams://, mmost://, json://...); "
+        "redacted in the saved config, so prefer urls_env or urls_file",
+    )
+    urls_env: str = Field("YOTO_NOTIFY_URLS", description="environment variable with URLs")
+    urls_file: str | None = Field(None, description="file with one URL per line")
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+    exclude_kinds: list[str] = Field(
+        default_factory=lambda: ["checkpoint", "probe", "spike", "overflow"],
+        description="event kinds never sent (a spike is sent as the policy's alert event)",
+    )
+    link: str | None = Field(
+        None,
+        description="dashboard link in each message; {run}, {name}, {step} are filled in, "
+        "e.g. http://grafana:3000/d/yoto-overview?var-run={run}",
+    )
+    queue_size: int = Field(256, ge=1)
+    timeout_seconds: float = Field(10.0, gt=0, description="per HTTP request")
+    backoff_seconds: float = Field(2.0, gt=0, description="first retry delay, then doubled")
+    max_backoff_seconds: float = Field(120.0, gt=0)
+    give_up_after_seconds: float = Field(
+        3600.0, gt=0, description="a message waits this long for its channel to come back"
+    )
+    dedup_seconds: float = Field(600.0, ge=0, description="same kind, reason and onset: once")
+    rate_limit_per_minute: float = Field(
+        12.0, gt=0, description="non-critical messages; critical ones are never limited"
+    )
+    rate_limit_burst: int = Field(10, ge=1)
+    drain_seconds: float = Field(20.0, ge=0, description="at the end, wait for the queue")
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -356,6 +407,8 @@ class Config(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    live: LiveConfig = Field(default_factory=LiveConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
     faults: list[str] = Field(
         default_factory=list,
         description="injected faults, KIND@STEP[:key=value,...] (yoto train --inject)",

@@ -80,6 +80,14 @@ class Sink(Protocol):
         """The run stopped with ``status`` (finished, halted, crashed, interrupted)."""
 
 
+class LiveSink(Sink, Protocol):
+    """A sink that outlives no run: told which run it serves once the run directory
+    exists (the exporter's ``yoto_run_info``, the notifier's message header). Returns
+    what the run's manifest should say about it (e.g. the metrics URL)."""
+
+    def bind_run(self, run: Mapping[str, str]) -> Mapping[str, Any]: ...
+
+
 class Notifier(Protocol):
     """Delivers an event to people (chat). Must never block or raise into the loop."""
 

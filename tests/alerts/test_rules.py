@@ -1,0 +1,179 @@
+"""Every alert rule fires on the series it is meant for and stays quiet otherwise, run
+through ``promtool test rules``; the generated deploy files match the code and pass
+Prometheus' and Alertmanager's own checks."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+from tests.integration.servers import require_binary
+from yoto import catalog as m
+from yoto.alerts import alertmanager, rules
+
+TARGET = {"instance": "node1:9477", "job": "yoto"}
+RUN = {"run": "20261128-demo-ab12", "name": "demo", "preset": "tiny"}
+
+
+def series(metric: m.Metric | str, values: str, **labels: str) -> dict:
+    name = metric if isinstance(metric, str) else metric.name
+    inner = ",".join(f'{k}="{v}"' for k, v in {**TARGET, **labels}.items())
+    return {"series": f"{name}{{{inner}}}", "values": values}
+
+
+INFO = series(m.RUN_INFO, "1x200", **RUN)
+# rule -> (series that make it fire, series that keep it quiet, extra labels of the alert,
+#          minutes after which it is evaluated)
+CASES: dict[str, tuple[list[dict], list[dict], dict[str, str], int]] = {
+    "YotoLossSpike": (
+        [series(m.LOSS_SPIKES, "0 0 0 1 1"), INFO],
+        [series(m.LOSS_SPIKES, "2x5"), INFO],  # old spikes only
+        {},
+        4,
+    ),
+    "YotoNonFiniteLoss": (
+        [series(m.NONFINITE_LOSS_STEPS, "0 0 1"), series(m.TRAIN_LOSS_WINDOW_MAX, "3 3 3"), INFO],
+        [series(m.NONFINITE_LOSS_STEPS, "0x3"), series(m.TRAIN_LOSS_WINDOW_MAX, "3x3"), INFO],
+        {},
+        2,
+    ),
+    "YotoOverflowStorm": (
+        [series(m.OVERFLOW_STEPS, "0+10x5"), series(m.CONSECUTIVE_OVERFLOWS, "0x5"), INFO],
+        [series(m.OVERFLOW_STEPS, "0+1x5"), series(m.CONSECUTIVE_OVERFLOWS, "0 1 0 1 0 1"), INFO],
+        {},
+        4,
+    ),
+    "YotoLossScaleAtMinimum": (
+        [series(m.LOSS_SCALE_HEADROOM, "5 3 0 0 0"), INFO],
+        [series(m.LOSS_SCALE_HEADROOM, "5 3 1 2 3"), INFO],
+        {},
+        4,
+    ),
+    "YotoRollback": (
+        [series(m.ROLLBACKS, "0 0 1 1"), INFO],
+        [series(m.ROLLBACKS, "0x30"), INFO],
+        {},
+        3,
+    ),
+    "YotoRunHalted": (
+        [series(m.HALTED, "0 0 1"), INFO],
+        [series(m.HALTED, "0 0 0"), INFO],
+        {},
+        2,
+    ),
+    "YotoThroughputDrop": (
+        [series(m.THROUGHPUT, "1000x70 300x30"), INFO],
+        [series(m.THROUGHPUT, "1000x70 900x30"), INFO],
+        {},
+        95,
+    ),
+    "YotoRunStalled": (
+        # the step timestamp stops at t=60 s while scrapes go on
+        [series(m.LAST_STEP_TIME, "60x40"), INFO],
+        [series(m.LAST_STEP_TIME, "60+60x40"), INFO],
+        {},
+        30,
+    ),
+    "YotoMetricsAbsent": (
+        [series("up", "1 1 0 0 0 0 0 0 0 0")],
+        [series("up", "1x10")],
+        {},
+        9,
+    ),
+    "YotoSpectraOutOfBand": (
+        [series(m.EVENTS, "0 0 1 1", kind="spectra", severity="warning"), INFO],
+        [series(m.EVENTS, "0 0 1 1", kind="spectra", severity="info"), INFO],
+        {"kind": "spectra", "severity": "warning"},
+        3,
+    ),
+}
+
+
+def expected(rule: rules.Rule, extra: dict[str, str], joined: bool) -> dict:
+    labels = {**TARGET, **extra, "severity": rule.severity, "team": "training"}
+    if joined:
+        labels.update({"run": RUN["run"], "name": RUN["name"]})
+    subst = {"{{ $labels.name }}": RUN["name"], "{{ $labels.instance }}": TARGET["instance"]}
+
+    def fill(text: str) -> str:
+        for k, v in subst.items():
+            text = text.replace(k, v)
+        return text
+
+    annotations = {"summary": fill(rule.summary), "description": fill(rule.description)}
+    return {"exp_labels": labels, "exp_annotations": annotations}
+
+
+def test_every_rule_has_a_firing_and_a_quiet_case() -> None:
+    assert sorted(CASES) == sorted(r.alert for r in rules.build_rules())
+
+
+def test_promtool_test_rules(tmp_path: Path) -> None:
+    promtool = require_binary("promtool")
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(rules.render())
+    tests = []
+    for rule in rules.build_rules():
+        firing, quiet, extra, minutes = CASES[rule.alert]
+        joined = m.RUN_INFO.name in rule.expr
+        for inputs, alerts in ((firing, [expected(rule, extra, joined)]), (quiet, [])):
+            tests.append(
+                {
+                    "name": f"{rule.alert} {'fires' if alerts else 'stays quiet'}",
+                    "interval": "1m",
+                    "input_series": inputs,
+                    "alert_rule_test": [
+                        {"eval_time": f"{minutes}m", "alertname": rule.alert, "exp_alerts": alerts}
+                    ],
+                }
+            )
+    test_file = tmp_path / "test.yml"
+    test_file.write_text(
+        yaml.safe_dump(
+            {"rule_files": [str(rules_file)], "evaluation_interval": "1m", "tests": tests}
+        )
+    )
+    out = subprocess.run(
+        [promtool, "test", "rules", str(test_file)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_rules_read_only_catalog_metrics() -> None:
+    for rule in rules.build_rules():
+        used = set(re.findall(r"\byoto_[a-z0-9_]+", rule.expr))
+        assert used <= set(m.CATALOG), used - set(m.CATALOG)
+        assert used == {metric.name for metric in rule.metrics}, rule.alert
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        (rules.RULES_FILE, rules.render),
+        (alertmanager.CONFIG_FILE, alertmanager.render),
+    ],
+)
+def test_deploy_files_match_the_code(path: Path, text) -> None:
+    assert (ROOT / path).read_text() == text(), (
+        f"{path} is out of date with the code; run: yoto alerts build"
+    )
+
+
+def test_deploy_files_pass_promtool_and_amtool() -> None:
+    promtool = require_binary("promtool")
+    amtool = require_binary("amtool")
+    out = subprocess.run(
+        [promtool, "check", "rules", str(ROOT / rules.RULES_FILE)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run(
+        [amtool, "check-config", str(ROOT / alertmanager.CONFIG_FILE)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
