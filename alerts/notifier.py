@@ -341,15 +341,17 @@ class ChatNotifier:
             with self._cond:
                 while not self._queue and not self._closing:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queue or (self._closing and self._past_drain()):
                     return
                 message = self._queue[0]
-            self._deliver(message)
+            delivered = self._deliver(message)
             with self._cond:
-                if self._queue and self._queue[0] is message:
+                if delivered and self._queue and self._queue[0] is message:
                     self._queue.popleft()
 
-    def _deliver(self, message: Message) -> None:
+    def _deliver(self, message: Message) -> bool:
+        """True when the message is done with (delivered, or given up on); False when the
+        notifier is closing and it stays queued."""
         pending = list(self.channels)
         delay = self.cfg.backoff_seconds
         started = self.clock()
@@ -365,9 +367,11 @@ class ChatNotifier:
                     if retry_after is not None:
                         delay = max(delay, min(retry_after, self.cfg.give_up_after_seconds))
             if not pending:
-                return
+                return True
             waited = self.clock() - started
-            if waited >= self.cfg.give_up_after_seconds or (self._closing and self._past_drain()):
+            if self._closing and self._past_drain():
+                return False  # stays queued; close() counts and logs what is left
+            if waited >= self.cfg.give_up_after_seconds:
                 self.dropped["gave_up"] += 1
                 log.error(
                     "chat delivery to %s abandoned after %.0f s: %s",
@@ -375,7 +379,7 @@ class ChatNotifier:
                     waited,
                     message.title,
                 )
-                return
+                return True
             with self._cond:
                 self._cond.wait(timeout=delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.cfg.max_backoff_seconds)

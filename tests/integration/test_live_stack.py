@@ -1,0 +1,135 @@
+"""The live path end to end, with real servers on 127.0.0.1: a real ``yoto train`` with
+an injected fault, scraped by a real Prometheus that evaluates the generated rules and
+sends to a real Alertmanager, which delivers to a webhook receiver; the trainer's own
+notifier delivers to a second receiver. Then every PromQL expression of every generated
+dashboard panel and alert rule is run against what Prometheus recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import FAST, only_run, subprocess_env, yoto_bin
+from tests.integration import servers
+from yoto import catalog, runstore
+from yoto.alerts import alertmanager, rules
+
+pytestmark = pytest.mark.slow
+
+STEPS = 160
+FAULT_STEP = 80
+ARGS = [
+    *(f"--set={item}" for item in FAST),
+    "--set=checkpoint.every=20",
+    f"--set=train.steps={STEPS}",
+    "--set=eval.every=40",
+    "--set=probes.layers.every=10",
+    "--set=probes.spectra.every=60",
+    "--set=probes.spectra.min_evals=8",
+    f"--inject=lr_spike@{FAULT_STEP}",
+]
+
+# Expressions that are valid but return nothing on this run, and why.
+EMPTY_BECAUSE = {
+    catalog.LOSS_SCALE.name: "fp16 only; this run trains in fp32",
+    catalog.LOSS_SCALE_HEADROOM.name: "fp16 only",
+    catalog.LOSS_SCALE_STEPS_SINCE_GROWTH.name: "fp16 only",
+    catalog.CONSECUTIVE_OVERFLOWS.name: "fp16 only",
+    catalog.MFU.name: "no dense peak is known for a CPU",
+    catalog.HALTED.name + " == 1": "the run did not halt",
+}
+
+
+def test_fault_to_prometheus_alertmanager_and_chat(tmp_path: Path) -> None:
+    am_receiver = servers.Receiver().up()
+    chat_receiver = servers.Receiver().up()
+    am_config = alertmanager.build_config([alertmanager.Channel("webhook", url=am_receiver.url)])
+    for route in (am_config["route"], *am_config["route"]["routes"]):
+        route.update(group_wait="1s", group_interval="1s")
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(rules.render(interval="1s"))
+    port = servers.free_port()
+    env = subprocess_env()
+    env["YOTO_NOTIFY_URLS"] = f"json://127.0.0.1:{chat_receiver.port}/hook"
+    try:
+        with (
+            servers.alertmanager(tmp_path, yaml.safe_dump(am_config)) as am,
+            servers.prometheus(tmp_path, [f"127.0.0.1:{port}"], rules_file, am) as prom,
+        ):
+            cmd = [
+                yoto_bin(),
+                "train",
+                "--run-root",
+                str(tmp_path / "runs"),
+                "--name",
+                "live",
+                "--no-progress",
+                f"--metrics-addr=127.0.0.1:{port}",
+                "--set=notify.link=http://grafana.example/d/yoto-overview?var-run={run}",
+                *ARGS,
+            ]
+            with open(tmp_path / "train.log", "wb") as log:
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    am_got = am_receiver.wait_for(1, timeout=600)
+                    chat_got = chat_receiver.wait_for(1, timeout=60)
+                    rc = proc.wait(timeout=600)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+            assert rc == 0, (tmp_path / "train.log").read_text()[-3000:]
+            run = only_run(tmp_path / "runs")
+            events = runstore.read_events(run)
+            end = next(e for e in events if e["kind"] == "end")
+            check_expressions(prom, at=end["time"] - 1.0)
+    finally:
+        am_receiver.down()
+        chat_receiver.down()
+
+    fault = next(e for e in events if e["kind"] == "fault_injected")
+    assert any(e["kind"] == "rollback" for e in events)
+    alert_names = {
+        a["labels"]["alertname"] for _, body in am_receiver.received for a in body["alerts"]
+    }
+    assert alert_names & {"YotoLossSpike", "YotoRollback"}, alert_names
+    first_alert = am_receiver.received[0][1]["alerts"][0]
+    assert first_alert["labels"]["run"] == run.name  # joined from yoto_run_info
+    chat_text = "\n".join(b["title"] + "\n" + b["message"] for _, b in chat_receiver.received)
+    assert run.name in chat_text and "what yoto did: action: rollback" in chat_text
+    assert f"var-run={run.name}" in chat_text
+    manifest = runstore.read_manifest(run)
+    assert manifest["metrics_url"] == f"http://127.0.0.1:{port}/metrics"
+    assert manifest["notify_channels"] == ["json"]
+    latency = {
+        "alertmanager_seconds": round(am_got[0][0] - fault["time"], 2),
+        "notifier_seconds": round(chat_got[0][0] - fault["time"], 2),
+    }
+    print("fault-to-webhook " + json.dumps(latency), file=sys.stderr)
+    if os.environ.get("YOTO_LATENCY_OUT"):  # the benchmark reads it
+        Path(os.environ["YOTO_LATENCY_OUT"]).write_text(json.dumps(latency))
+
+
+def check_expressions(prom: servers.Prometheus, at: float) -> None:
+    """Every dashboard panel's and alert rule's PromQL is valid; it returns data unless it
+    is listed in EMPTY_BECAUSE (panels) or is an alert condition that did not hold."""
+    fired = set()
+    for rule in rules.build_rules():
+        if prom.query(rule.expr, at=at)["result"]:  # valid (query raises otherwise)
+            fired.add(rule.alert)
+    assert {"YotoRollback"} <= fired, fired
+    assert not fired & {"YotoRunHalted", "YotoMetricsAbsent", "YotoLossScaleAtMinimum"}
+    from yoto.dashboards.live import grafana
+
+    empty: list[str] = []
+    for name, dashboard in grafana.build_all().items():
+        for expr in grafana.panel_queries(dashboard):
+            result = prom.query(expr, at=at)["result"]
+            if not result and not any(key in expr for key in EMPTY_BECAUSE):
+                empty.append(f"{name}: {expr}")
+    assert not empty, "panels with no data on a live run:\n" + "\n".join(empty)
