@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from tests.helpers import ROOT
 from yoto import catalog
 from yoto.cli import main
 from yoto.dashboards.live import grafana, panels, promql
+from yoto.events import EventKind, Severity
 
 DEPLOYED = ROOT / "deploy" / "grafana" / "dashboards"
 FIX = ".venv/bin/yoto dashboards build --out deploy/grafana/dashboards"
@@ -375,3 +377,112 @@ def test_push_refuses_credentials_in_the_url(monkeypatch, capsys):
     assert main(["dashboards", "push", "--url", "http://admin:pw@127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert "not in --url" in err and "pw@" not in err
+
+
+# --- every query against a real Prometheus ----------------------------------------------
+# The trainer's exporter is tested with a real run in tests/integration; here a stand-in
+# exporter serves every catalog metric (as the catalog types it, all label values made up)
+# so that the dashboards are checked on their own: each expression must return data.
+
+
+def _fake_exporter():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+    registry = CollectorRegistry()
+    known = {"kind": tuple(EventKind), "severity": tuple(Severity)}
+    series = []
+    for m in catalog.CATALOG.values():
+        if m.type == "counter":  # prometheus-client appends _total itself
+            metric = Counter(m.name.removesuffix("_total"), m.help, m.labels, registry=registry)
+        else:
+            metric = Gauge(m.name, m.help, m.labels, registry=registry)
+        # the event kinds the annotations select exist; other labels get two made-up values
+        choices = [known.get(label, (f"{label}-0", f"{label}-1")) for label in m.labels]
+        values = list(itertools.product(*choices))
+        children = [metric.labels(*v) for v in values] if m.labels else [metric]
+        series += [(m, child) for child in children]
+    server, _thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(0.2):
+            for m, child in series:
+                if m.type == "counter":
+                    child.inc()
+                elif m is catalog.LAST_STEP_TIME:
+                    child.set_to_current_time()
+                else:
+                    child.set(1.5)
+
+    threading.Thread(target=tick, daemon=True).start()
+    return server, stop
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _query(base: str, expr: str) -> list:
+    import urllib.parse
+    import urllib.request
+
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)["data"]["result"]
+
+
+@pytest.mark.slow
+def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
+    import time
+
+    binary = require("prometheus")
+    server, stop = _fake_exporter()
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": grafana.SCRAPE_JOB,
+                "static_configs": [{"targets": [f"127.0.0.1:{server.server_port}"]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address={base.removeprefix('http://')}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # three scrapes, so that rate() and increase() have two points
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if _query(base, f'count_over_time(up{{job="{grafana.SCRAPE_JOB}"}}[1m]) >= 3'):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus never scraped the exporter"
+            time.sleep(0.5)
+        empty = []
+        for name, board in BOARDS.items():
+            for expr in grafana.panel_queries(board):
+                if not _query(base, expr):
+                    empty.append(f"{name}: {expr}")
+        assert not empty, "queries without data:\n" + "\n".join(empty)
+        info = _query(base, catalog.RUN_INFO.name)  # what the Run picker reads
+        assert {"instance", "run"} <= set(info[0]["metric"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        stop.set()
+        server.shutdown()
