@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import niquests
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaException
 
@@ -92,7 +91,8 @@ def push(
             uids.append(board.get("uid", name))
             log.info("pushed %s to %s", name, public_url(url))
         return uids
-    except (GrafanaException, niquests.exceptions.RequestException) as exc:
+    # grafana-client's HTTP library raises OSError subclasses for connection failures
+    except (GrafanaException, OSError) as exc:
         raise YotoError(
             f"Grafana at {public_url(url)} refused or failed: {_redact(str(exc), secrets)}"
         ) from None

@@ -486,3 +486,12 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
         proc.wait(timeout=30)
         stop.set()
         server.shutdown()
+
+
+def test_push_to_nothing_listening_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("GRAFANA_TOKEN", TOKEN)
+    port = _free_port()  # nothing listens there
+    assert main(["dashboards", "push", "--url", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"Grafana at http://127.0.0.1:{port} refused or failed" in err
+    assert TOKEN not in err
