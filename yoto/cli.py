@@ -8,6 +8,7 @@
     yoto runs show RUN_DIR [--json]
     yoto spectra RUN_DIR --step S [--no-write] [--json]
     yoto sample RUN_DIR [--prompt TEXT] [--step S] [--tokens N]
+    yoto dashboards build --out DIR | push --url URL [--folder NAME]   # Grafana, from the catalog
 
 Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
 printed as one clear message and exit with status 2; nothing else is caught.
@@ -126,7 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = runs_sub.add_parser("show", help="one run: status, progress, losses, events, checkpoints")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
+    _add_dashboards_parser(sub)
     return parser
+
+
+def _add_dashboards_parser(sub: Any) -> None:
+    p = sub.add_parser("dashboards", help="Grafana dashboards generated from the metric catalog")
+    dash_sub = p.add_subparsers(dest="dashboards_command", required=True)
+    b = dash_sub.add_parser("build", help="write the dashboard JSON files")
+    b.add_argument("--out", required=True, metavar="DIR", help="e.g. deploy/grafana/dashboards")
+    u = dash_sub.add_parser(
+        "push", help="create/overwrite the dashboards in a live Grafana (GRAFANA_TOKEN from env)"
+    )
+    u.add_argument("--url", required=True, help="Grafana base URL, e.g. http://localhost:3000")
+    u.add_argument("--folder", metavar="NAME", help="Grafana folder (created if missing)")
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from yoto.dashboards.live import grafana
+
+    if args.dashboards_command == "build":
+        for path in grafana.write_all(args.out):
+            print(path)
+        return 0
+    from yoto.dashboards.live import provision
+
+    credential = provision.credential_from_env()
+    uids = provision.push(args.url, grafana.build_all(), credential, folder=args.folder)
+    print(f"pushed {len(uids)} dashboards to {provision.public_url(args.url)}: {', '.join(uids)}")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> config_mod.Config:
@@ -412,6 +441,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "spectra": cmd_spectra,
     "sample": cmd_sample,
+    "dashboards": cmd_dashboards,
 }
 
 
