@@ -30,7 +30,7 @@ UNITS = {
     "tokens_per_second": "count:tok/s",
     "ratio": "percentunit",
     "samples": "count:samples",
-    "bits": "suffix: bits",
+    "log2": "suffix: log2",
     "steps": "count:steps",
 }
 
