@@ -35,7 +35,7 @@ from prometheus_client.exposition import start_http_server
 
 from yoto import catalog
 from yoto.errors import ConfigError
-from yoto.events import Event
+from yoto.events import Event, EventKind, Severity
 
 log = logging.getLogger("yoto.live")
 
@@ -96,7 +96,11 @@ class Exporter:
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}  # series key -> latest value
         self._window: dict[str, float] = {}  # metric name -> max since the last scrape
-        self._events: dict[tuple[str, str], int] = {}
+        # every (kind, severity) starts at 0: a counter first seen at 1 hides its own first
+        # increase from increase()/rate(), and the first rollback is the one that matters
+        self._events: dict[tuple[str, str], int] = {
+            (str(kind), str(severity)): 0 for kind in EventKind for severity in Severity
+        }
         self._nonfinite = 0
         self._layers_kept: dict[str, set[str]] = {}  # metric name -> layer values exported
         self._layers_dropped: dict[str, set[str]] = {}

@@ -159,3 +159,16 @@ def test_retry_after_forms() -> None:
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
     assert retry_after_seconds({"retry-after": date}, now=now) == pytest.approx(30, abs=1)
     assert retry_after_seconds({}) is None
+
+
+def test_yoto_alerts_test_command(capsys) -> None:
+    from yoto.cli import main
+
+    receiver = Receiver().up()
+    try:
+        assert main(["alerts", "test", json_url(receiver), "--timeout", "10"]) == 0
+        assert "a test message from yoto" in receiver.received[0][1]["message"]
+    finally:
+        receiver.down()
+    assert main(["alerts", "test", json_url(receiver), "--timeout", "1"]) == 1
+    assert "NOT delivered" in capsys.readouterr().out

@@ -90,6 +90,18 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]
 
+    def query_range(self, expr: str, start: float, end: float, step: str = "1s") -> list:
+        """The series a range query returns (raises on an invalid expression)."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step}
+        url = f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{expr!r}: {exc.read().decode()}") from exc
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
     def alerts(self) -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"{self.url}/api/v1/alerts", timeout=10) as r:
             return json.load(r)["data"]["alerts"]
