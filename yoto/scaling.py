@@ -134,6 +134,19 @@ class Fit:
         p = self.params
         return p["E"] + (p["B"] / d ** p["beta"] if d else 0.0)
 
+    def at_bounds(self) -> list[str]:
+        """Chinchilla parameters the fit left on the edge of their box: the data do not
+        determine them (too few model sizes or token budgets)."""
+        if self.law != "chinchilla":
+            return []
+        theta = _to_theta(_vector(self.law, self.params))
+        names = LAW_PARAMS["chinchilla"]
+        return [
+            k
+            for k, v, (lo, hi) in zip(names, theta, _BOUNDS, strict=True)
+            if min(abs(v - lo), abs(v - hi)) < 1e-6 * max(1.0, abs(v))
+        ]
+
     def formula(self) -> str:
         p = self.params
         if self.law == "kaplan":
@@ -285,6 +298,10 @@ _GRID = np.array(
         )
     )
 )
+# A box around every law seen in practice (exponents of LMs are 0.05-0.8; Hoffmann et al.'s
+# grid spans 0-2): it changes nothing on data that determine the law, and keeps a fit on
+# too few token budgets from running off to beta = 30, B = 1e97
+_BOUNDS = [(-30.0, 10.0), (-30.0, 60.0), (-30.0, 60.0), (0.0, 3.0), (0.0, 3.0)]
 _REFINE = 12  # L-BFGS runs from the best grid points (the whole grid costs ~400x more)
 
 
@@ -337,13 +354,25 @@ def _fit_chinchilla(
             args=(x, z, y),
             jac=True,
             method="L-BFGS-B",
+            bounds=_BOUNDS,
             options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10},
         )
         if np.all(np.isfinite(res.x)) and res.fun < best_value:
             best, best_value = res.x, float(res.fun)
     assert best is not None
-    e, a, b, alpha, beta = best
-    return np.array([math.exp(e), math.exp(a), math.exp(b), alpha, beta]), best_value
+    return _from_theta(best), best_value
+
+
+def _from_theta(theta: np.ndarray) -> np.ndarray:
+    """(e, a, b, alpha, beta) -> (E, A, B, alpha, beta)"""
+    e, a, b, alpha, beta = theta
+    return np.array([math.exp(e), math.exp(a), math.exp(b), alpha, beta])
+
+
+def _to_theta(vec: np.ndarray) -> np.ndarray:
+    # E (or A, B) can sit at the lower bound when the data want no floor: log of it, not -inf
+    logs = [math.log(max(v, math.exp(_BOUNDS[0][0]))) for v in vec[:3]]
+    return np.array([*logs, vec[3], vec[4]])
 
 
 def _bootstrap(
@@ -360,7 +389,7 @@ def _bootstrap(
     if law == "chinchilla":
         # each refit starts from the full fit and the best grid point: the full grid
         # per resample would cost minutes for a few hundred resamples
-        here = np.array([[math.log(vec[0]), math.log(vec[1]), math.log(vec[2]), *vec[3:]]])
+        here = _to_theta(vec)[None, :]
         x, z, y = np.log(n), np.log(d), np.log(loss)
         starts = np.concatenate([here, _GRID[np.argsort(_grid_objective(_GRID, x, z, y))[:1]]])
     tries = 0

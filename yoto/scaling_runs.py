@@ -262,12 +262,14 @@ def verdict(eff: Any, n: float) -> str:
         )
     if math.isnan(eff.value):
         return "no effective size (the fitted law does not decrease with N)"
-    high = fmt_count(eff.high) + (
-        f", inf in {eff.infinite_fraction:.0%} of resamples" if eff.infinite_fraction else ""
+    note = (
+        f" (no finite size in {eff.infinite_fraction:.1%} of the resamples)"
+        if eff.infinite_fraction
+        else ""
     )
     return (
         f"performs like a {fmt_count(eff.value)}-parameter model "
-        f"[{fmt_count(eff.low)}, {high}], {eff.value / n:.2g}x its size"
+        f"[{fmt_count(eff.low)}, {fmt_count(eff.high)}], {eff.value / n:.2g}x its size{note}"
     )
 
 
@@ -297,6 +299,12 @@ def format_report(fits: list[GroupFit], what: str) -> str:
             lines.append(
                 "  note: as many points as parameters: the fit is exact, the intervals say little"
             )
+        if f.at_bounds():
+            lines.append(
+                f"  note: {', '.join(f.at_bounds())} at the edge of the search box: the points "
+                f"do not determine {'it' if len(f.at_bounds()) == 1 else 'them'} (more sizes "
+                f"or token budgets would)"
+            )
         lines.append(f"  {'run':34s} {'N':>8s} {'D':>8s} {'loss':>7s} {'pred':>7s}  effective size")
         pred = f.predict(*_nd(f))
         for p, eff, lp in zip(f.points, g.effective, pred, strict=True):
@@ -315,7 +323,7 @@ def report_json(fits: list[GroupFit]) -> list[dict[str, Any]]:
         pred = f.predict(*_nd(f))
         res = f.residuals()
         body = f.to_json()
-        body.update(source=g.source, why=g.why)
+        body.update(source=g.source, why=g.why, at_bounds=f.at_bounds())
         body["runs"] = [
             {
                 "name": p.name,
