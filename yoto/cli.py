@@ -10,6 +10,7 @@
     yoto sample RUN_DIR [--prompt TEXT] [--step S] [--tokens N]
     yoto sweep --grid KEY=V1,V2 [--grid ...] [--preset NAME] [--set ...] [--budget B]
     yoto scaling fit RUNS... | --table CSV [--law auto|kaplan|chinchilla] [--source S]
+    yoto explore [RUN_DIR_OR_ROOT ...] [--port N]                 # Streamlit post-mortem
 
 Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
 printed as one clear message and exit with status 2; nothing else is caught.
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, required=True, help="a complete checkpoint's step")
     p.add_argument("--no-write", action="store_true", help="print only; leave spectra/ as is")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("explore", help="open the post-mortem explorer (Streamlit) on runs")
+    p.add_argument("paths", nargs="*", default=["runs"], help="run directories or roots")
+    p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
 
     runs = sub.add_parser("runs", help="summarise run directories")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -418,6 +423,28 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    """``streamlit run`` the explorer on 127.0.0.1; the runs travel in YOTO_RUNS. The
+    process becomes Streamlit (exec), so Ctrl-C and SIGTERM reach the server itself."""
+    import os
+
+    paths = [Path(p).resolve() for p in args.paths]
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise ConfigError(f"no such run directory or root: {', '.join(missing)}")
+    from yoto.dashboards import postmortem  # the installed app, wherever it lives
+
+    app = Path(postmortem.__file__).resolve().parent / "app.py"
+    env = {**os.environ, "YOTO_RUNS": os.pathsep.join(map(str, paths))}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1"]
+    cmd += ["--server.port", str(args.port), "--server.headless", "true"]
+    cmd += ["--browser.gatherUsageStats", "false"]
+    print(f"yoto explore: http://127.0.0.1:{args.port}  ({len(paths)} path(s))", file=sys.stderr)
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
 COMMANDS = {
     "sweep": cmd_sweep,
     "scaling": cmd_scaling,
@@ -426,6 +453,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "spectra": cmd_spectra,
     "sample": cmd_sample,
+    "explore": cmd_explore,
 }
 
 
