@@ -25,6 +25,7 @@ PAGES = [
     st.Page(VIEWS / "spectra.py", title="Spectra", icon=":material/equalizer:"),
     st.Page(VIEWS / "compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page(VIEWS / "throughput.py", title="Throughput", icon=":material/speed:"),
+    st.Page(VIEWS / "scaling.py", title="Scaling", icon=":material/trending_down:"),
 ]
 
 page = st.navigation(PAGES)

@@ -30,15 +30,27 @@ SMALL = [
 ]
 
 
-def test_three_size_sweep_then_fit(tmp_path: Path, capsys) -> None:
-    root = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """One 3-width sweep for the module: (run root, sweep id, what the command printed)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("sweep") / "runs"
     sets = [arg for item in SMALL for arg in ("--set", item)]
     grid = ["--grid", "model.d_model=16,32,64", "--name", "w"]
-    rc = main(["sweep", "--preset", "tiny", "--run-root", str(root), *sets, *grid])
-    out, err = capsys.readouterr()
-    assert rc == 0, out + err
-    sweep_id = re.search(r"sweep (sweep-\S+): 3 of 3 runs finished", out).group(1)
-    assert "Kaplan law" in out and f"--sweep {sweep_id}" in out
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["sweep", "--preset", "tiny", "--run-root", str(root), *sets, *grid])
+    assert rc == 0, out.getvalue() + err.getvalue()
+    found = re.search(r"sweep (sweep-\S+): 3 of 3 runs finished", out.getvalue())
+    assert found, out.getvalue()
+    return root, found.group(1), out.getvalue()
+
+
+def test_three_size_sweep_then_fit(sweep, capsys) -> None:
+    root, sweep_id, printed = sweep
+    assert "Kaplan law" in printed and f"--sweep {sweep_id}" in printed
 
     runs = sorted(runstore.list_runs(root), key=lambda r: r.sweep["index"])
     assert [r.sweep["point"] for r in runs] == [{"model.d_model": w} for w in (16, 32, 64)]
@@ -65,3 +77,34 @@ def test_three_size_sweep_then_fit(tmp_path: Path, capsys) -> None:
     effective = [r["effective_size"]["value"] for r in by_size]
     assert effective == sorted(effective)
     assert {"code", "prose"} <= set(fits)  # per-source laws from per-source val losses
+
+
+def test_scaling_page_shows_the_fit_and_a_verdict(sweep, monkeypatch) -> None:
+    """The explorer's Scaling page (issue 7's app) on the sweep's run directories."""
+    from tests.helpers import ROOT
+
+    app = ROOT / "dashboards" / "postmortem" / "app.py"
+    if not (ROOT / "dashboards" / "postmortem" / "views" / "scaling.py").is_file():
+        pytest.skip("no explorer app on this branch")
+    from streamlit.testing.v1 import AppTest
+
+    root, sweep_id, _ = sweep
+    monkeypatch.setenv("YOTO_RUNS", str(root))
+    at = AppTest.from_file(str(app), default_timeout=120)
+    at.run()
+    at.switch_page("views/scaling.py").run()
+    problems = [e.value for e in at.exception] + [e.value for e in at.error]
+    assert problems == []
+    assert [t.value for t in at.title] == ["Scaling"]
+    assert at.selectbox(key="scaling_sweep").value == sweep_id
+    assert any("L(N) = (" in c.value for c in at.code)  # equal tokens: the Kaplan law
+    assert len(at.get("vega_lite_chart")) == 3  # loss vs N, loss vs compute, residuals
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["performs like"].endswith("params")
+    assert any("performs like a" in m.value for m in at.markdown)
+    # judge the smallest run: the law puts it at about its own size
+    smallest = min(runstore.list_runs(root), key=lambda r: r.non_embedding_parameters)
+    at.selectbox(key="scaling_judge").set_value(str(smallest.path)).run()
+    assert not at.exception
+    ratio = float(at.metric[2].value.rstrip("×"))
+    assert 0.5 < ratio < 2.0
