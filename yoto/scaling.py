@@ -209,18 +209,36 @@ def check_points(points: Sequence[Point], law: Law) -> None:
                 "Chinchilla law cannot be told from E; use --law kaplan, or add runs with "
                 "other token budgets (a compute-optimal sweep, or --grid train.steps=...)"
             )
+        if _collinear(points):
+            raise ScalingError(
+                "D grows as a fixed power of N over these runs (a compute-optimal sweep): "
+                "the N and D terms of the Chinchilla law cannot be told apart; use --law "
+                "kaplan, or add runs of the same sizes with other token budgets"
+            )
+
+
+def _collinear(points: Sequence[Point]) -> bool:
+    """log D an affine function of log N (D = k N^c, e.g. 20 tokens per parameter)."""
+    x = np.log([p.n for p in points])
+    z = np.log([p.d for p in points])
+    design = np.column_stack([np.ones_like(x), x, z])
+    return bool(np.linalg.matrix_rank(design, tol=1e-6 * np.abs(design).max()) < 3)
 
 
 def choose_law(points: Sequence[Point]) -> tuple[Law, str]:
     """The law --law auto uses, and why."""
     ds = {_rounded(p.d) for p in points if p.d is not None}
     known_d = all(p.d is not None for p in points)
-    if known_d and len(ds) >= 2 and len(points) >= 2 * len(LAW_PARAMS["chinchilla"]):
+    positive = known_d and all(p.d > 0 and p.n > 0 for p in points)  # else check_points says
+    collinear = positive and len(ds) >= 2 and _collinear(points)
+    if positive and len(ds) >= 2 and not collinear and len(points) >= 10:
         return "chinchilla", f"{len(points)} points over {len(ds)} token budgets"
     if not known_d:
         why = "D is not known for every point"
     elif len(ds) < 2:
         why = "every point has the same D"
+    elif collinear:
+        why = "D is a fixed power of N (compute-optimal runs)"
     else:
         why = f"{len(points)} points are too few for 5 parameters (auto wants 10)"
     return "kaplan", why

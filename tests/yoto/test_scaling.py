@@ -106,6 +106,8 @@ def test_auto_chooses_chinchilla_only_when_d_varies() -> None:
     assert choose_law(chinchilla_points(0.0))[0] == "chinchilla"
     assert choose_law(kaplan_points(1e10, 0.1, 0.0))[0] == "kaplan"  # one D
     assert choose_law([Point(1e6, None, 3.0), Point(1e7, None, 2.5)])[0] == "kaplan"
+    optimal = [Point(n, 20 * n, 10 / n**0.1) for n in np.geomspace(1e6, 1e9, 10)]
+    assert choose_law(optimal) == ("kaplan", "D is a fixed power of N (compute-optimal runs)")
 
 
 @pytest.mark.parametrize(
@@ -138,6 +140,11 @@ def test_auto_chooses_chinchilla_only_when_d_varies() -> None:
             [Point(10.0**i, 1e9, 4.0 - i / 5) for i in range(5, 11)],
             "chinchilla",
             "every point has the same D",
+        ),
+        (
+            [Point(10.0**i, 20 * 10.0**i, 4.0 - i / 5) for i in range(5, 11)],
+            "chinchilla",
+            "D grows as a fixed power of N over these runs",
         ),
     ],
 )
