@@ -62,8 +62,8 @@ class Interval:
     low: float
     high: float
 
-    def to_json(self) -> dict[str, float]:
-        return {"value": self.value, "low": self.low, "high": self.high}
+    def to_json(self) -> dict[str, float | str]:
+        return {k: _json_float(getattr(self, k)) for k in ("value", "low", "high")}
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Fit:
             "formula": self.formula(),
             "parameter_count": PARAMETER_COUNT,
             "params": {
-                k: self.intervals[k].to_json() if k in self.intervals else {"value": v}
+                k: self.intervals[k].to_json() if k in self.intervals else {"value": _json_float(v)}
                 for k, v in self.params.items()
             },
             "confidence": self.confidence,
@@ -283,6 +283,12 @@ def _fit(points: list[Point], law: Law, bootstrap: int, confidence: float, seed:
     n, d, loss = _arrays(points, law)
     if law == "kaplan":
         vec, obj = _fit_kaplan(n, loss), float("nan")
+        if not vec[1] > 1e-9:
+            raise ScalingError(
+                f"the loss does not fall with N over these {len(points)} points (fitted "
+                f"alpha_N = {vec[1]:.3g}): there is no power law in N to fit; were the runs "
+                f"trained long enough for size to matter?"
+            )
     else:
         vec, obj = _fit_chinchilla(n, d, loss, _GRID)
     result = Fit(law, _named(law, vec), points, objective=obj, confidence=confidence)
@@ -300,7 +306,8 @@ def _fit_kaplan(n: np.ndarray, loss: np.ndarray) -> np.ndarray:
     slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
     alpha = -slope
     # log L = alpha log N_c - alpha log N; alpha = 0 (flat data) has no N_c
-    n_c = math.exp(intercept / alpha) if alpha != 0 else float("inf")
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        n_c = float(np.exp(intercept / alpha)) if abs(alpha) > 1e-12 else float("inf")
     return np.array([n_c, alpha])
 
 

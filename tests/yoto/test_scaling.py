@@ -137,6 +137,11 @@ def test_auto_chooses_chinchilla_only_when_d_varies() -> None:
         ([Point(1e6, 1e9, math.nan), Point(1e7, 1e9, 2.0)], "kaplan", "loss=nan"),
         ([Point(1e6, 1e9, 3.0), Point(1e6, 1e9, 2.9)], "kaplan", "the same N=1e+06"),
         (
+            [Point(1e6, 1e9, 3.0), Point(1e7, 1e9, 3.1), Point(1e8, 1e9, 3.2)],
+            "kaplan",
+            "the loss does not fall with N over these 3 points",
+        ),
+        (
             [Point(10.0**i, 1e9, 4.0 - i / 5) for i in range(5, 11)],
             "chinchilla",
             "every point has the same D",
