@@ -133,7 +133,13 @@ def check_runs(records: list[RunRecord], skip_missing: bool = False) -> list[Run
     for r, why in problems:
         print(f"warning: leaving out {r.path}: {why}", file=sys.stderr)
     bad = {id(r) for r, _ in problems}
-    return [r for r in records if id(r) not in bad]
+    kept = [r for r in records if id(r) not in bad]
+    for r in kept:
+        if r.status != "finished":  # its schedule did not end: the loss is not its final one
+            print(
+                f"warning: {r.path} is {r.status}; using its last validation loss", file=sys.stderr
+            )
+    return kept
 
 
 def sources_of(records: list[RunRecord]) -> list[str]:
