@@ -13,8 +13,8 @@ the final validation loss, mean over the sources (the standard library's code an
     .venv/bin/python benchmarks/scaling_sweep.py [--quick] [--run-root DIR] [--json FILE]
 
 Full: d_model 32, 64, 96, 128 x 100, 200, 400 steps of 16 x 64 tokens (2 blocks), about
-10 minutes on 2 shared cores. --quick: 3 widths x 2 budgets of a 1-block model, tens of
-seconds (what the test runs).
+26 minutes on 2 cores shared with other jobs (load ~7). --quick: 3 widths x 2 budgets of a
+1-block model, about a minute (what the test runs).
 """
 
 from __future__ import annotations
