@@ -100,13 +100,15 @@ def train(
     resume: str | Path | None = None,
     argv: list[str] | None = None,
     live: list[LiveSink] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Train one run (or resume one); returns its run directory. ``live`` sinks (the
     Prometheus exporter, the chat notifier; rank 0 only) are bound to the run once its
-    directory exists and closed with it."""
+    directory exists and closed with it. ``manifest_extra`` adds fields to the manifest
+    (``yoto sweep`` tags its runs this way)."""
     info, corpus, sampler, val, model = prepare(cfg)
     store = (
-        _open_store(cfg, info, run_root, name, resume, argv, model, corpus)
+        _open_store(cfg, info, run_root, name, resume, argv, model, corpus, manifest_extra)
         if info.is_main
         else None
     )
@@ -211,8 +213,10 @@ def _open_store(
     argv: list[str] | None,
     model: GPT,
     corpus: Corpus,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> RunStore:
     extra = {
+        **(manifest_extra or {}),
         "world_size": info.world,
         "device": info.device.type,
         "argv": argv or [],

@@ -9,6 +9,9 @@
     yoto spectra RUN_DIR --step S [--no-write] [--json]
     yoto sample RUN_DIR [--prompt TEXT] [--step S] [--tokens N]
     yoto dashboards build --out DIR | push --url URL [--folder NAME]   # Grafana, from the catalog
+    yoto sweep --grid KEY=V1,V2 [--grid ...] [--preset NAME] [--set ...] [--budget B]
+    yoto scaling fit RUNS... | --table CSV [--law auto|kaplan|chinchilla] [--source S]
+    yoto explore [RUN_DIR_OR_ROOT ...] [--port N]                 # Streamlit post-mortem
 
 Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
 printed as one clear message and exit with status 2; nothing else is caught.
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "config's URLs, from $YOTO_NOTIFY_URLS or notify.urls_file)",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for delivery")
+    p = sub.add_parser("explore", help="open the post-mortem explorer (Streamlit) on runs")
+    p.add_argument("paths", nargs="*", default=["runs"], help="run directories or roots")
+    p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
 
     runs = sub.add_parser("runs", help="summarise run directories")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -128,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
     _add_dashboards_parser(sub)
+    _add_scaling_parsers(sub)
     return parser
 
 
@@ -156,6 +163,46 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     uids = provision.push(args.url, grafana.build_all(), credential, folder=args.folder)
     print(f"pushed {len(uids)} dashboards to {provision.public_url(args.url)}: {', '.join(uids)}")
     return 0
+
+
+def _add_scaling_parsers(sub: Any) -> None:
+    """``yoto sweep`` and ``yoto scaling fit`` (yoto/sweep.py, yoto/scaling*.py)."""
+    p = sub.add_parser("sweep", help="train a grid of runs, tagged as one sweep")
+    _add_config_args(p)
+    p.add_argument(
+        "--grid",
+        metavar="KEY=V1,V2",
+        action="append",
+        default=[],
+        help="a config field and its values, e.g. model.n_layer=2,4,6 (repeatable: the "
+        "Cartesian product is trained)",
+    )
+    p.add_argument(
+        "--budget",
+        default="equal-tokens",
+        help="equal-tokens (default), compute-optimal (D = --tokens-per-param x N) or "
+        "steps (train.steps as configured or gridded)",
+    )
+    p.add_argument("--tokens", type=int, help="equal-tokens: training tokens per run")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="compute-optimal ratio")
+    p.add_argument("--run-root", default="runs", metavar="DIR")
+    p.add_argument("--name", help="run name prefix (default: the preset or config name)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    p.add_argument("--progress", action="store_true", help="a progress bar per run")
+    p.add_argument("--no-fit", action="store_true", help="no scaling fit at the end")
+
+    scaling = sub.add_parser("scaling", help="scaling-law fits and effective model size")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", required=True)
+    p = scaling_sub.add_parser("fit", help="fit a scaling law to runs or a CSV table")
+    p.add_argument("runs", nargs="*", metavar="RUNS", help="run directories or roots of runs")
+    p.add_argument("--table", metavar="CSV", help="points from a CSV: N, D, loss[, source, name]")
+    p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep")
+    p.add_argument("--law", choices=["auto", "kaplan", "chinchilla"], default="auto")
+    p.add_argument("--source", help="one validation source ('all' = the mean over sources)")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-missing", action="store_true", help="leave out runs without val loss")
+    p.add_argument("--json", action="store_true")
 
 
 def resolve_config(args: argparse.Namespace) -> config_mod.Config:
@@ -435,13 +482,115 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from yoto import sweep
+
+    preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
+    plan = sweep.plan(
+        args.grid,
+        preset=None if args.config else preset,
+        file=args.config,
+        overrides=args.overrides,
+        budget=args.budget,
+        tokens=args.tokens,
+        tokens_per_param=args.tokens_per_param,
+        name=args.name,
+    )
+    print(sweep.describe(plan), file=sys.stderr)
+    if args.dry_run:
+        return 0
+    results = sweep.run(plan, args.run_root, progress=args.progress, argv=sys.argv[1:])
+    failed = [r for r in results if r["status"] != "finished"]
+    print(f"sweep {plan.id}: {len(results) - len(failed)} of {len(results)} runs finished")
+    for r in results:
+        print(f"  [{r['index']}] {r['status']:8s} {r.get('run_dir') or r.get('error')}")
+    done = len(results) - len(failed)
+    if not args.no_fit and done >= 2:
+        law = "kaplan" if plan.budget == "equal-tokens" else "auto"
+        try:
+            _scaling_fit([args.run_root], None, plan.id, law, None, 100, 0, True, False)
+        except YotoError as exc:
+            print(f"no fit: {exc}")
+    print(f"fit again: yoto scaling fit {args.run_root} --sweep {plan.id}")
+    return 1 if failed else 0
+
+
+def _scaling_fit(
+    runs: list[str],
+    table: str | None,
+    sweep_id: str | None,
+    law: str,
+    source: str | None,
+    bootstrap: int,
+    seed: int,
+    skip_missing: bool,
+    as_json: bool,
+) -> int:
+    from yoto import scaling_runs as sr
+
+    if bool(runs) == bool(table):
+        raise ConfigError("give run directories (or roots) or --table CSV, not both or neither")
+    if bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {bootstrap}")
+    if table:
+        groups, what = sr.groups_from_table(sr.read_table(table), source), "points"
+    else:
+        records = sr.check_runs(sr.load_runs(runs, sweep_id), skip_missing)
+        groups, what = sr.groups_from_runs(records, source), "runs"
+    fits = sr.fit_groups(groups, law, bootstrap, seed)
+    if as_json:
+        print(json.dumps(sr.report_json(fits), indent=2))
+    else:
+        print(sr.format_report(fits, what))
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    return _scaling_fit(
+        args.runs,
+        args.table,
+        args.sweep,
+        args.law,
+        args.source,
+        args.bootstrap,
+        args.seed,
+        args.skip_missing,
+        args.json,
+    )
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    """``streamlit run`` the explorer on 127.0.0.1; the runs travel in YOTO_RUNS. The
+    process becomes Streamlit (exec), so Ctrl-C and SIGTERM reach the server itself."""
+    import os
+
+    paths = [Path(p).resolve() for p in args.paths]
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise ConfigError(f"no such run directory or root: {', '.join(missing)}")
+    from yoto.dashboards import postmortem  # the installed app, wherever it lives
+
+    app = Path(postmortem.__file__).resolve().parent / "app.py"
+    env = {**os.environ, "YOTO_RUNS": os.pathsep.join(map(str, paths))}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1"]
+    cmd += ["--server.port", str(args.port), "--server.headless", "true"]
+    cmd += ["--browser.gatherUsageStats", "false"]
+    print(f"yoto explore: http://127.0.0.1:{args.port}  ({len(paths)} path(s))", file=sys.stderr)
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
 COMMANDS = {
+    "sweep": cmd_sweep,
+    "scaling": cmd_scaling,
     "train": cmd_train,
     "config": cmd_config,
     "presets": cmd_presets,
     "spectra": cmd_spectra,
     "sample": cmd_sample,
     "dashboards": cmd_dashboards,
+    "explore": cmd_explore,
 }
 
 

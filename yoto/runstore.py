@@ -512,6 +512,8 @@ class RunSummary:
     best_val_loss: dict[str, float] = field(default_factory=dict)
     attempt: int = 0
     events: dict[str, int] = field(default_factory=dict)
+    non_embedding_parameters: int | None = None  # N of scaling laws (Kaplan's count)
+    sweep: dict[str, Any] | None = None  # {id, index, point, ...} for a run of 'yoto sweep'
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -541,6 +543,8 @@ def summarize(path: str | Path) -> RunSummary:
         best_val_loss=dict(summary.get("best_val_loss", {})),
         attempt=int(summary.get("attempt", 0)),
         events=counts,
+        non_embedding_parameters=manifest.get("non_embedding_parameters"),
+        sweep=manifest.get("sweep"),
     )
 
 

@@ -1,0 +1,304 @@
+"""The explorer's data layer: which runs it may read, and cached loaders over them.
+
+``YOTO_RUNS`` holds run directories or roots of runs, joined by ``os.pathsep`` (``yoto
+explore`` sets it). The explorer opens files under those paths only, and never writes.
+
+Loaders are pure functions of (run path, fingerprint); the ``st.cache_data`` wrappers key
+on the fingerprint (the names and sizes of the run's files), so a live run's new segments
+and events show up on the next rerun (the Refresh button) while a finished run is read
+once. Importing this module needs no Streamlit server.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+import yaml
+
+from yoto import catalog, runstore
+from yoto.errors import RunDirError
+
+from . import layers as layers_mod
+from . import query
+from .query import ExplorerError
+
+ENV = "YOTO_RUNS"
+DEFAULT_ROOT = "runs"
+MARKED = ("spike", "overflow", "rollback", "batch_size", "alert", "fault_injected", "halt")
+MAX_MARKERS = 500  # event markers per chart; the events table lists them all
+
+
+# --- discovery ----------------------------------------------------------------------------
+
+
+def roots() -> list[Path]:
+    """The paths in ``YOTO_RUNS`` (default ``runs``), resolved."""
+    raw = os.environ.get(ENV) or DEFAULT_ROOT
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def missing_roots() -> list[Path]:
+    return [r for r in roots() if not r.is_dir()]
+
+
+def run_dirs() -> list[Path]:
+    """Run directories under the paths in ``YOTO_RUNS``: each path is a run directory or a
+    root whose children are; sorted by path, duplicates dropped."""
+    found: dict[Path, None] = {}
+    for root in roots():
+        if (root / runstore.MANIFEST).is_file():
+            found[root] = None
+        elif root.is_dir():
+            for child in sorted(root.iterdir()):
+                if child.is_dir() and (child / runstore.MANIFEST).is_file():
+                    found[child.resolve()] = None
+    return list(found)
+
+
+def fingerprint(run: Path) -> tuple:
+    """Changes whenever the run gains a segment, an event or a new manifest."""
+    items = []
+    for name in (runstore.MANIFEST, runstore.EVENTS):
+        f = run / name
+        if f.exists():
+            st_ = f.stat()
+            items.append((name, st_.st_size, st_.st_mtime_ns))
+    for folder in (runstore.METRICS, runstore.LAYERS, runstore.SPECTRA):
+        d = run / folder
+        if d.is_dir():
+            names = os.listdir(d)
+            items.append((folder, len(names), max(names, default="")))
+    return tuple(items)
+
+
+def _check(run: str | Path) -> Path:
+    path = Path(run).resolve()
+    if not query.inside(path, roots()):
+        raise ExplorerError(f"{path} is not under the run roots the explorer was given")
+    return runstore.require_run_dir(path)
+
+
+# --- pure loaders -------------------------------------------------------------------------
+
+
+def runs_frame(paths: Sequence[Path]) -> pd.DataFrame:
+    """One line per run for the Runs page; a damaged run is listed with its error."""
+    rows = []
+    for path in paths:
+        try:
+            s = runstore.summarize(_check(path))
+        except (RunDirError, ExplorerError, OSError) as exc:
+            rows.append(
+                {"run": path.name, "status": "unreadable", "problem": str(exc), "path": str(path)}
+            )
+            continue
+        val = s.val_loss or {}
+        best = s.best_val_loss or {}
+        rows.append(
+            {
+                "run": s.id,
+                "name": s.name,
+                "status": s.status,
+                "steps": s.last_step,
+                "tokens": s.tokens,
+                "train loss (nats)": s.train_loss,
+                "final val loss (nats)": _mean(val.values()),
+                "best val loss (nats)": min(best.values()) if best else None,
+                "attempt": s.attempt,
+                "rollbacks": s.events.get("rollback", 0),
+                "halts": s.events.get("halt", 0),
+                "spikes": s.events.get("spike", 0),
+                "started": pd.to_datetime(s.start, unit="s", utc=True) if s.start else None,
+                "problem": "",
+                "path": str(s.path),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _mean(values: Any) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else None
+
+
+def events_frame(run: Path) -> pd.DataFrame:
+    """Every event, one row each (a line cut by a crash is skipped by the reader)."""
+    records = runstore.read_events(_check(run))
+    frame = pd.DataFrame(
+        [
+            {
+                "step": int(e.get("step", 0) or 0),
+                "attempt": int(e.get("attempt", 0) or 0),
+                "kind": str(e.get("kind", "?")),
+                "severity": str(e.get("severity", "info")),
+                "message": str(e.get("message", "")),
+                "time": pd.to_datetime(e.get("time"), unit="s", utc=True)
+                if isinstance(e.get("time"), int | float)
+                else None,
+                "data": e.get("data") if isinstance(e.get("data"), dict) else {},
+            }
+            for e in records
+            if isinstance(e, dict)
+        ],
+        columns=["step", "attempt", "kind", "severity", "message", "time", "data"],
+    )
+    return frame
+
+
+def markers(events: pd.DataFrame, limit: int = MAX_MARKERS) -> pd.DataFrame:
+    """The events drawn on charts: the kinds that explain a run, most severe first when
+    there are more than ``limit``."""
+    marked = events[events.kind.isin(MARKED)]
+    if len(marked) <= limit:
+        return marked
+    rank = marked.severity.map({"critical": 0, "warning": 1}).fillna(2)
+    return marked.assign(_r=rank).sort_values(["_r", "step"]).head(limit).drop(columns="_r")
+
+
+def config(run: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load((_check(run) / runstore.CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def table(run: Path, folder: str) -> query.Table | None:
+    return query.table(_check(run), folder, roots())
+
+
+def firsts(t: query.Table) -> dict[int, int]:
+    info = query.attempts(t)
+    return dict(zip(info.attempt.astype(int), info["first"].astype(int), strict=True))
+
+
+def metric_series(run: Path, columns: tuple[str, ...], x: str, branches: tuple[str, ...]):
+    t = table(run, runstore.METRICS)
+    if t is None:
+        return None
+    return query.series(t, columns, x=x, branches=branches), tuple(t.columns()), t.damaged
+
+
+def layer_heatmap(run: Path, metric: str, lineage: int | None) -> pd.DataFrame | None:
+    t = table(run, runstore.LAYERS)
+    if t is None:
+        return None
+    f = _lineage_firsts(run, t)
+    return layers_mod.heatmap(t, metric, f, max(f) if lineage is None else lineage)
+
+
+def first_abnormal(run: Path, metrics: tuple[str, ...], lineage: int, onset: int):
+    """The earliest abnormal (layer, step) over the given metrics (ties: larger |z|)."""
+    t = table(run, runstore.LAYERS)
+    if t is None:
+        return None
+    f = _lineage_firsts(run, t)
+    found = []
+    for metric in metrics:
+        rows = layers_mod.rows_before(t, metric, f, lineage, onset)
+        hit = layers_mod.first_abnormal(rows, onset, metric)
+        if hit is not None:
+            found.append(hit)
+    return min(found, key=lambda a: (a.step, -abs(a.z)), default=None)
+
+
+def _lineage_firsts(run: Path, layers_table: query.Table) -> dict[int, int]:
+    """Attempt starts from the metrics table (every step) when there is one: the layers
+    table only sees every N-th step, so its first step of an attempt comes late."""
+    m = table(run, runstore.METRICS)
+    f = firsts(layers_table)
+    if m is not None:
+        f = {**f, **firsts(m)}
+    return f
+
+
+def layer_metrics(run: Path) -> list[str]:
+    t = table(run, runstore.LAYERS)
+    return [] if t is None else layers_mod.metrics(t)
+
+
+def spectra_frame(run: Path) -> pd.DataFrame | None:
+    """Every analysed matrix, without its eigenvalues."""
+    t = table(run, runstore.SPECTRA)
+    if t is None:
+        return None
+    cols = [c for c in t.columns() if c != "esd"]
+    return t.df(f"SELECT {', '.join(map(query.quote, cols))} FROM {{src}} ORDER BY step, layer")
+
+
+def eigenvalues(run: Path, layer: str, step: int) -> list[float]:
+    t = table(run, runstore.SPECTRA)
+    if t is None or "esd" not in t.columns():
+        return []
+    got = t.query(
+        "SELECT esd FROM {src} WHERE layer = $layer AND step = $step ORDER BY attempt DESC LIMIT 1",
+        {"layer": layer, "step": step},
+    ).fetchone()
+    return [float(v) for v in (got[0] or [])] if got else []
+
+
+def step_time_histogram(run: Path):
+    t = table(run, runstore.METRICS)
+    return None if t is None else query.histogram(t, catalog.STEP_DURATION.name)
+
+
+# --- cached wrappers (the pages call these) -----------------------------------------------
+# The fingerprint argument is only the cache key: new data, new entry.
+
+_CACHE = {"max_entries": 256, "show_spinner": False}
+
+
+@st.cache_data(**_CACHE)
+def cached_runs(paths: tuple[str, ...], prints: tuple) -> pd.DataFrame:
+    return runs_frame([Path(p) for p in paths])
+
+
+@st.cache_data(**_CACHE)
+def cached_events(run: str, fp: tuple) -> pd.DataFrame:
+    return events_frame(Path(run))
+
+
+@st.cache_data(**_CACHE)
+def cached_series(run: str, fp: tuple, columns: tuple, x: str = "step", branches=("surviving",)):
+    return metric_series(Path(run), columns, x, tuple(branches))
+
+
+@st.cache_data(**_CACHE)
+def cached_heatmap(run: str, fp: tuple, metric: str, lineage: int | None):
+    return layer_heatmap(Path(run), metric, lineage)
+
+
+@st.cache_data(**_CACHE)
+def cached_first_abnormal(run: str, fp: tuple, metrics: tuple, lineage: int, onset: int):
+    return first_abnormal(Path(run), tuple(metrics), lineage, onset)
+
+
+@st.cache_data(**_CACHE)
+def cached_layer_metrics(run: str, fp: tuple) -> list[str]:
+    return layer_metrics(Path(run))
+
+
+@st.cache_data(**_CACHE)
+def cached_spectra(run: str, fp: tuple):
+    return spectra_frame(Path(run))
+
+
+@st.cache_data(**_CACHE)
+def cached_eigenvalues(run: str, fp: tuple, layer: str, step: int) -> list[float]:
+    return eigenvalues(Path(run), layer, step)
+
+
+@st.cache_data(**_CACHE)
+def cached_step_times(run: str, fp: tuple):
+    return step_time_histogram(Path(run))
+
+
+@st.cache_data(**_CACHE)
+def cached_config(run: str, fp: tuple) -> dict[str, Any]:
+    return config(Path(run))

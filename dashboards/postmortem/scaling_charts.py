@@ -1,0 +1,119 @@
+"""Frames and Altair charts for the Scaling page (no Streamlit here, so tests can call it).
+
+Loss against N (non-embedding parameters) and against training compute C = 6·N·D (Kaplan
+et al.'s estimate; N non-embedding), each with the fitted law drawn through the points;
+residuals as log(observed / predicted) per run.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from yoto.scaling import Fit, fmt_count
+
+
+def points_frame(result: Fit, paths: list[str] | None = None) -> pd.DataFrame:
+    """One row per fitted point: N, D, C, observed and predicted loss, residual."""
+    pts = result.points
+    n = np.array([p.n for p in pts], dtype=float)
+    d = np.array([p.d if p.d is not None else np.nan for p in pts], dtype=float)
+    pred = result.predict(n, d if result.law == "chinchilla" else None)
+    loss = np.array([p.loss for p in pts])
+    return pd.DataFrame(
+        {
+            "run": [p.name for p in pts],
+            "N": n,
+            "D": d,
+            "C": 6 * n * d,
+            "tokens": [fmt_count(x) for x in d],
+            "loss": loss,
+            "predicted": pred,
+            "residual": np.log(loss) - np.log(pred),
+            "path": paths or [""] * len(pts),
+        }
+    )
+
+
+def curves_frame(result: Fit, frame: pd.DataFrame, samples: int = 60) -> pd.DataFrame:
+    """The fitted law as lines: one over N for Kaplan; for Chinchilla one per token budget
+    of the points (the law at that D), so each line runs through the runs of its budget."""
+    lo, hi = frame.N.min() / 1.5, frame.N.max() * 1.5
+    grid = np.geomspace(lo, hi, samples)
+    rows = []
+    budgets = [None] if result.law == "kaplan" else sorted(frame.D.dropna().unique())
+    for d in budgets:
+        loss = result.predict(grid, None if d is None else np.full_like(grid, d))
+        label = "law" if d is None else f"law at D={fmt_count(d)}"
+        rows.append(
+            pd.DataFrame(
+                {
+                    "N": grid,
+                    "C": 6 * grid * (d if d is not None else np.nan),
+                    "loss": loss,
+                    "curve": label,
+                    "tokens": "" if d is None else fmt_count(d),
+                }
+            )
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
+def loss_vs(
+    points: pd.DataFrame,
+    curves: pd.DataFrame,
+    x: str,
+    x_title: str,
+    highlight: str | None = None,
+) -> alt.LayerChart:
+    """Points (coloured by token budget) with the fitted law; ``highlight`` a run's path."""
+    tooltip = [
+        "run:N",
+        alt.Tooltip("N:Q", format=".4s", title="N (non-embedding)"),
+        alt.Tooltip("D:Q", format=".4s", title="D (tokens)"),
+        alt.Tooltip("C:Q", format=".3s", title="C = 6ND (FLOPs)"),
+        alt.Tooltip("loss:Q", format=".4f", title="val loss (nats)"),
+        alt.Tooltip("predicted:Q", format=".4f", title="law (nats)"),
+    ]
+    xs = alt.X(f"{x}:Q", title=x_title, scale=alt.Scale(type="log"))
+    ys = alt.Y("loss:Q", title="validation loss (nats)", scale=alt.Scale(type="log", zero=False))
+    dots = (
+        alt.Chart(points)
+        .mark_circle(size=70, opacity=0.9)
+        .encode(x=xs, y=ys, color=alt.Color("tokens:N", title="tokens D"), tooltip=tooltip)
+    )
+    layers = []
+    drawn = curves.dropna(subset=[x])
+    if not drawn.empty:
+        layers.append(
+            alt.Chart(drawn)
+            .mark_line(strokeDash=[5, 3], strokeWidth=1.5)
+            .encode(x=xs, y=ys, color=alt.Color("tokens:N", title="tokens D"), detail="curve:N")
+        )
+    layers.append(dots)
+    if highlight:
+        chosen = points[points.path == highlight]
+        if not chosen.empty:
+            layers.append(
+                alt.Chart(chosen)
+                .mark_point(size=260, shape="diamond", filled=False, strokeWidth=2, color="red")
+                .encode(x=xs, y=ys, tooltip=tooltip)
+            )
+    return alt.layer(*layers).properties(height=320)
+
+
+def residuals(points: pd.DataFrame) -> alt.LayerChart:
+    base = alt.Chart(points).encode(
+        x=alt.X("N:Q", title="non-embedding parameters N", scale=alt.Scale(type="log")),
+    )
+    dots = base.mark_circle(size=70).encode(
+        y=alt.Y("residual:Q", title="log(observed / law)", axis=alt.Axis(format=".1%")),
+        color=alt.Color("tokens:N", title="tokens D"),
+        tooltip=[
+            "run:N",
+            alt.Tooltip("residual:Q", format="+.2%", title="observed / law - 1 (≈)"),
+        ],
+    )
+    zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="gray").encode(y="zero:Q")
+    return alt.layer(zero, dots).properties(height=220)

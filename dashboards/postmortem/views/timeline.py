@@ -1,0 +1,98 @@
+"""Timeline: loss and grad norm with every event marked; abandoned branches faded."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from yoto import catalog
+from yoto.dashboards.postmortem import charts, data, downsample, ui
+
+LOSS, GNORM = catalog.TRAIN_LOSS.name, catalog.GRAD_NORM.name
+
+
+def render(run: Path) -> None:
+    fp = ui.fp(run)
+    events = data.cached_events(str(run), fp)
+    got = data.cached_series(str(run), fp, (LOSS, GNORM), "step", ("surviving", "abandoned"))
+    if got is None or got[0].empty:
+        ui.no_data("metrics")
+    else:
+        frame, _, damaged = got
+        ui.damaged_note(damaged)
+        marks = data.markers(events)
+        log = st.toggle("log scale", value=False, key="timeline_log")
+        for key, pick in ((LOSS, "loss_event"), (GNORM, "gnorm_event")):
+            part = frame[frame.series == key]
+            if part.empty:
+                continue
+            chart = charts.lines(
+                part,
+                "optimizer step",
+                charts.title(key),
+                log_y=log,
+                color="attempt",
+                color_title="attempt",
+            )
+            if not marks.empty:
+                chart = (chart + charts.event_rules(marks, pick=pick)).resolve_scale(
+                    color="independent"
+                )
+            st.markdown(f"**{charts.title(key)}**")
+            state = st.altair_chart(
+                chart,
+                width="stretch",
+                on_select="rerun",
+                key=f"chart_{pick}",
+            )
+            show_picked(state, pick, events)
+        note = f"Each series ≤ {downsample.MAX_POINTS:,} points (MinMaxLTTB)."
+        if (frame.branch == "abandoned").any():
+            note = (
+                "Solid: the surviving branch. Faded and dashed: abandoned branches (the "
+                "steps an earlier attempt took before a rollback). " + note
+            )
+        st.caption(note)
+    events_table(events)
+
+
+def show_picked(state, pick: str, events) -> None:
+    chosen = (state.get("selection") or {}).get(pick) if state else None
+    for item in chosen or []:
+        if "id" in item and int(item["id"]) in events.index:
+            detail(events.loc[int(item["id"])])
+
+
+def detail(event) -> None:
+    with st.container(border=True):
+        st.markdown(
+            f"**{event.kind}** at step {event.step} (attempt {event.attempt}, {event.severity})"
+        )
+        st.write(event.message)
+        st.json(event.data, expanded=False)
+
+
+def events_table(events) -> None:
+    st.subheader("Events")
+    if events.empty:
+        st.info("No events recorded yet.")
+        return
+    kinds = sorted(events.kind.unique())
+    default = [k for k in kinds if k in data.MARKED] or kinds
+    show = st.multiselect("kinds", kinds, default=default, key="timeline_kinds")
+    view = events[events.kind.isin(show)]
+    state = st.dataframe(
+        view.drop(columns=["data"]),
+        key="timeline_events",
+        on_select="rerun",
+        selection_mode="single-row",
+        width="stretch",
+        hide_index=True,
+    )
+    rows = state.selection.rows if state else []
+    if rows:
+        detail(view.iloc[rows[0]])
+    else:
+        st.caption("Select an event (here or on a chart) to see its details.")
+
+
+ui.page("Timeline", render, "What happened, and when: loss and gradient norm with every event.")
