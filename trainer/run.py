@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,21 +99,28 @@ def train(
     name: str = "run",
     resume: str | Path | None = None,
     argv: list[str] | None = None,
-    live: list[LiveSink] | None = None,
+    live: Callable[[], list[LiveSink]] | None = None,
     manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Train one run (or resume one); returns its run directory. ``live`` sinks (the
-    Prometheus exporter, the chat notifier; rank 0 only) are bound to the run once its
-    directory exists and closed with it. ``manifest_extra`` adds fields to the manifest
-    (``yoto sweep`` tags its runs this way)."""
+    """Train one run (or resume one); returns its run directory. ``live`` makes the live
+    sinks (the Prometheus exporter, the chat notifier) on rank 0 once the config and data
+    have passed their checks, before the run directory exists; they are bound to the run
+    and closed with it. ``manifest_extra`` adds fields to the manifest (``yoto sweep``
+    tags its runs this way)."""
     info, corpus, sampler, val, model = prepare(cfg)
-    store = (
-        _open_store(cfg, info, run_root, name, resume, argv, model, corpus, manifest_extra)
-        if info.is_main
-        else None
-    )
+    live_sinks = live() if live is not None and info.is_main else []  # binds the port now
+    try:
+        store = (
+            _open_store(cfg, info, run_root, name, resume, argv, model, corpus, manifest_extra)
+            if info.is_main
+            else None
+        )
+    except BaseException:
+        for sink in live_sinks:
+            sink.close("crashed")
+        raise
     run_dir = Path(distributed.broadcast_object(str(store.path) if store else None))
-    sinks = Sinks(durable=store, live=list(live or []) if store is not None else [])
+    sinks = Sinks(durable=store, live=live_sinks)
     if store is not None:
         run = {"run": store.manifest["id"], "name": store.manifest.get("name", name)}
         for sink in sinks.live:

@@ -20,7 +20,6 @@ printed as one clear message and exit with status 2; nothing else is caught.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -235,30 +234,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.metrics_addr is not None:
         cfg.live.metrics_addr = args.metrics_addr
     preset = args.preset or (Path(args.config).stem if args.config else DEFAULT_PRESET)
-    live = live_sinks(cfg, preset)  # binds the port now: a busy one fails before training
     from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
 
-    try:
-        train(
-            cfg,
-            run_root=args.run_root,
-            name=name,
-            resume=args.resume,
-            argv=sys.argv[1:],
-            live=live,
-        )
-    finally:
-        for sink in live:  # closed by the run already, unless it failed before starting
-            with contextlib.suppress(Exception):
-                sink.close("crashed")
+    train(
+        cfg,
+        run_root=args.run_root,
+        name=name,
+        resume=args.resume,
+        argv=sys.argv[1:],
+        live=lambda: live_sinks(cfg, preset),
+    )
     return 0
 
 
 def live_sinks(cfg: config_mod.Config, preset: str) -> list[Any]:
-    """The Prometheus exporter and the chat notifier, on the process that writes the run
-    (global rank 0, as the launchers set RANK); none elsewhere."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return []
+    """The Prometheus exporter (listening when this returns: a busy port is an error
+    before the run directory exists) and the chat notifier; made on rank 0 only."""
     from yoto.alerts.notifier import ChatNotifier, resolve_urls
     from yoto.dashboards.live.exporter import Exporter, parse_addr
 
@@ -562,7 +553,6 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 def cmd_explore(args: argparse.Namespace) -> int:
     """``streamlit run`` the explorer on 127.0.0.1; the runs travel in YOTO_RUNS. The
     process becomes Streamlit (exec), so Ctrl-C and SIGTERM reach the server itself."""
-    import os
 
     paths = [Path(p).resolve() for p in args.paths]
     missing = [str(p) for p in paths if not p.is_dir()]
@@ -594,10 +584,23 @@ COMMANDS = {
 }
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (a test's capture, a redirected stream), not
+    the one that was current when the handler was made."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("yoto")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("yoto: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
