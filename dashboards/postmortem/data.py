@@ -119,7 +119,14 @@ def runs_frame(paths: Sequence[Path]) -> pd.DataFrame:
                 "path": str(s.path),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+RUN_COLUMNS = [
+    "run", "name", "status", "steps", "tokens", "train loss (nats)", "final val loss (nats)",
+    "best val loss (nats)", "attempt", "rollbacks", "halts", "spikes", "started", "problem",
+    "path",
+]  # fmt: skip
 
 
 def _mean(values: Any) -> float | None:

@@ -282,11 +282,13 @@ def _piece(
         return out
     buckets = max(1, PRESELECT * n_out // 2)
     aggs = []
+    xa = "step" if x == "step" else xq
     for i, c in enumerate(columns):
-        ok = f"FILTER (WHERE isfinite({quote(c)}))"  # a NULL x is dropped below
+        # no FILTER (it doubles the cost): min/max skip NULLs, and a NaN or inf a max picks
+        # up is dropped below (a non-finite loss is an event of its own)
         aggs.append(
-            f"arg_min({xq}, {quote(c)}) {ok} AS x0_{i}, min({quote(c)}) {ok} AS y0_{i}, "
-            f"arg_max({xq}, {quote(c)}) {ok} AS x1_{i}, max({quote(c)}) {ok} AS y1_{i}"
+            f"arg_min({xa}, {quote(c)}) AS x0_{i}, min({quote(c)}) AS y0_{i}, "
+            f"arg_max({xa}, {quote(c)}) AS x1_{i}, max({quote(c)}) AS y1_{i}"
         )
     got = t.df(
         f"SELECT (step - {int(lo)}) * {buckets} // {int(hi - lo + 1)} AS bucket, "
