@@ -65,6 +65,7 @@ def lines(
     color: str = "series",
     color_title: str = "series",
     height: int = 260,
+    zero: bool = False,
 ) -> alt.Chart:
     """One line per (series, attempt, branch); abandoned branches faded and dashed."""
     # the surviving branch is one line across attempts; each abandoned piece its own
@@ -83,9 +84,13 @@ def lines(
             y=alt.Y(
                 "value:Q",
                 title=y_title,
-                scale=alt.Scale(type="log" if log_y else "linear", zero=False),
+                scale=alt.Scale(type="log" if log_y else "linear", zero=zero and not log_y),
             ),
-            color=alt.Color(f"{color}:N", title=color_title),
+            color=alt.Color(
+                f"{color}:N",
+                title=color_title,
+                legend=alt.Legend() if frame[color].nunique() > 1 else None,
+            ),
             detail="piece:N",
             opacity=alt.Opacity(
                 "branch:N",

@@ -11,6 +11,7 @@ import pytest
 from tests.dashboards.helpers import PAGES, app, problems, texts, visit
 from yoto import runstore
 from yoto.dashboards.postmortem import wire
+from yoto.events import Event, EventKind, Severity
 
 
 def snapshot(run: Path) -> dict[str, tuple[int, int]]:
@@ -114,15 +115,13 @@ def test_live_run_new_segments_show_after_a_rerun(run_dir_copy: Path, yoto_runs)
     clearing any cache (the loaders key on the run's file fingerprint)."""
     yoto_runs(run_dir_copy)
     at = visit(app(), "timeline")
-    [events] = at.dataframe
-    steps = len(events)
+    [table] = at.dataframe
+    before = len(table.value)
     store = runstore.RunStore.reopen(run_dir_copy)
-    from yoto.events import Event, EventKind, Severity
-
     store.write_event(Event(91, 1, EventKind.ALERT, Severity.WARNING, "late alert"))
     store.write_step(1, 91, {"yoto_train_loss": 2.5, "yoto_grad_norm": 0.5})
     store.flush()
     at.run()
     assert problems(at) == []
-    [events] = at.dataframe
-    assert len(events) == steps + 1 and "late alert" in set(events.message)
+    [table] = at.dataframe
+    assert len(table.value) == before + 1 and "late alert" in set(table.value.message)
