@@ -96,9 +96,11 @@ class Abnormal:
     def describe(self) -> str:
         lead = self.onset - self.step
         when = (
-            f"{lead} steps before the onset"
+            f"{lead} step{'s' * (lead != 1)} before the onset"
             if lead > 0
-            else ("at the onset" if lead == 0 else f"{-lead} steps after the onset")
+            else (
+                "at the onset" if lead == 0 else f"{-lead} step{'s' * (lead != -1)} after the onset"
+            )
         )
         return (
             f"layer {self.layer} went abnormal first: {self.metric} = {self.value:.4g} at step "
