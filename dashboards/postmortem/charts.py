@@ -89,6 +89,7 @@ def lines(
             color=alt.Color(
                 f"{color}:N",
                 title=color_title,
+                scale=alt.Scale(scheme="tableau10"),  # attempts/runs in clearly different hues
                 legend=alt.Legend() if frame[color].nunique() > 1 else None,
             ),
             detail="piece:N",
