@@ -48,7 +48,7 @@ def metrics(t: Table) -> list[str]:
     """The metrics of the newest segments (probes do not change during a run; reading the
     metric column of a 38M-row table would cost a second)."""
     q = "SELECT DISTINCT metric FROM {src} ORDER BY 1"
-    return [r[0] for r in t.newest(4).query(q).fetchall()]
+    return [r[0] for r in t.newest(8).query(q).fetchall()] or [r[0] for r in t.query(q).fetchall()]
 
 
 def heatmap(
@@ -58,11 +58,11 @@ def heatmap(
     one lineage; each layer gets at most ``max_cells // layers`` bins."""
     t = t.only({a for a in firsts if a <= lineage})
     where = f"metric = $metric AND {lineage_sql(firsts, lineage)}"
-    n_layers = (
-        t.newest(1)
-        .query("SELECT count(DISTINCT layer) FROM {src} WHERE metric = $metric", {"metric": metric})
-        .fetchone()[0]
-    )
+    # the layer count from the newest segments (a segment may hold only another probe's
+    # rows, e.g. spectra results: then ask the whole table)
+    count = "SELECT count(DISTINCT layer) FROM {src} WHERE metric = $metric"
+    n_layers = t.newest(8).query(count, {"metric": metric}).fetchone()[0]
+    n_layers = n_layers or t.query(count, {"metric": metric}).fetchone()[0]
     if t.spans is not None:
         lo = min(first for _, first, _ in t.spans.values())
         hi = max(last for _, _, last in t.spans.values())

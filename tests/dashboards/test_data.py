@@ -137,3 +137,21 @@ def test_first_abnormal_layer_is_the_one_that_moved_first() -> None:
 
 def test_layer_order_is_by_depth() -> None:
     assert layers.layer_order(["10", "2", "lm_head", "1"]) == ["1", "2", "10", "lm_head"]
+
+
+def test_heatmap_when_the_newest_segment_holds_another_probes_rows(
+    tmp_path: Path, yoto_runs
+) -> None:
+    """Spectra results arrive as layer rows of their own (a late segment with only
+    yoto_weight_* metrics): the heatmap of another metric must still find its layers."""
+    store = runstore.RunStore.create(tmp_path, "mixed", "", flush_every_steps=1000)
+    norm = catalog.LAYER_GRAD_NORM
+    for step in (10, 20, 30):
+        store.write_step(0, step, {norm.key(layer=str(i)): 0.1 * step + i for i in range(3)})
+    store.flush()
+    store.write_step(0, 31, {catalog.WEIGHT_ALPHA.key(layer="blocks.0.attn.qkv"): 3.0})
+    store.close("finished")
+    yoto_runs(tmp_path)
+    heat = data.layer_heatmap(store.path, norm.name, None)
+    assert sorted(heat.layer.unique()) == ["0", "1", "2"] and len(heat) == 9
+    assert norm.name in data.layer_metrics(store.path)
