@@ -564,7 +564,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     env = {**os.environ, "YOTO_RUNS": os.pathsep.join(map(str, paths))}
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1"]
     cmd += ["--server.port", str(args.port), "--server.headless", "true"]
-    cmd += ["--browser.gatherUsageStats", "false"]
+    cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     print(f"yoto explore: http://127.0.0.1:{args.port}  ({len(paths)} path(s))", file=sys.stderr)
     sys.stderr.flush()
     os.execve(sys.executable, cmd, env)

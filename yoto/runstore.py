@@ -491,9 +491,11 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(event, dict):  # a stray non-object line is not an event
+            events.append(event)
     return events
 
 

@@ -65,6 +65,7 @@ def lines(
     color: str = "series",
     color_title: str = "series",
     height: int = 260,
+    zero: bool = False,
 ) -> alt.Chart:
     """One line per (series, attempt, branch); abandoned branches faded and dashed."""
     # the surviving branch is one line across attempts; each abandoned piece its own
@@ -83,9 +84,14 @@ def lines(
             y=alt.Y(
                 "value:Q",
                 title=y_title,
-                scale=alt.Scale(type="log" if log_y else "linear", zero=False),
+                scale=alt.Scale(type="log" if log_y else "linear", zero=zero and not log_y),
             ),
-            color=alt.Color(f"{color}:N", title=color_title),
+            color=alt.Color(
+                f"{color}:N",
+                title=color_title,
+                scale=alt.Scale(scheme="tableau10"),  # attempts/runs in clearly different hues
+                legend=alt.Legend() if frame[color].nunique() > 1 else None,
+            ),
             detail="piece:N",
             opacity=alt.Opacity(
                 "branch:N",
@@ -146,7 +152,7 @@ def heatmap(
 ) -> alt.LayerChart:
     """Layer × step cells; ``highlight`` (layer, step0, step1) outlined in red, the onset a
     dashed rule."""
-    frame = frame.assign(step_end=frame.step1 + 1)
+    frame = with_cell_ends(frame)
     base = (
         alt.Chart(frame)
         .mark_rect()
@@ -171,7 +177,10 @@ def heatmap(
         base.add_params(alt.selection_interval(bind="scales", encodings=["x"]))
     ]
     if highlight is not None and not highlight.empty:
-        hl = highlight.assign(step_end=highlight.step1 + 1)
+        ends = frame.set_index(["layer", "step0"]).step_end
+        hl = highlight.assign(
+            step_end=[ends.get((r.layer, r.step0), r.step1 + 1) for r in highlight.itertuples()]
+        )
         layers.append(
             alt.Chart(hl)
             .mark_rect(fill=None, stroke="red", strokeWidth=3)
@@ -184,6 +193,16 @@ def heatmap(
             .encode(x="step:Q", tooltip=["what:N", "step:Q"])
         )
     return alt.layer(*layers).properties(height=max(160, 14 * len(order)))
+
+
+def with_cell_ends(frame: pd.DataFrame) -> pd.DataFrame:
+    """A cell reaches to the next cell of its layer: probes record layers every N steps,
+    and a one-step-wide cell per record would leave the heatmap mostly blank."""
+    frame = frame.sort_values(["layer", "step0"])
+    nxt = frame.groupby("layer").step0.shift(-1)
+    gaps = (nxt - frame.step0).dropna()
+    gap = float(gaps.median()) if len(gaps) else 1.0
+    return frame.assign(step_end=nxt.fillna(frame.step1 + gap))
 
 
 def histogram(frame: pd.DataFrame, x_title: str) -> alt.Chart:

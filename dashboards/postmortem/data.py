@@ -119,7 +119,14 @@ def runs_frame(paths: Sequence[Path]) -> pd.DataFrame:
                 "path": str(s.path),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+RUN_COLUMNS = [
+    "run", "name", "status", "steps", "tokens", "train loss (nats)", "final val loss (nats)",
+    "best val loss (nats)", "attempt", "rollbacks", "halts", "spikes", "started", "problem",
+    "path",
+]  # fmt: skip
 
 
 def _mean(values: Any) -> float | None:
@@ -129,25 +136,21 @@ def _mean(values: Any) -> float | None:
 
 def events_frame(run: Path) -> pd.DataFrame:
     """Every event, one row each (a line cut by a crash is skipped by the reader)."""
-    records = runstore.read_events(_check(run))
-    frame = pd.DataFrame(
-        [
-            {
-                "step": int(e.get("step", 0) or 0),
-                "attempt": int(e.get("attempt", 0) or 0),
-                "kind": str(e.get("kind", "?")),
-                "severity": str(e.get("severity", "info")),
-                "message": str(e.get("message", "")),
-                "time": pd.to_datetime(e.get("time"), unit="s", utc=True)
-                if isinstance(e.get("time"), int | float)
-                else None,
-                "data": e.get("data") if isinstance(e.get("data"), dict) else {},
-            }
-            for e in records
-            if isinstance(e, dict)
-        ],
-        columns=["step", "attempt", "kind", "severity", "message", "time", "data"],
-    )
+    records = [e for e in runstore.read_events(_check(run)) if isinstance(e, dict)]
+    cols = ["step", "attempt", "kind", "severity", "message", "time", "data"]
+    if not records:
+        return pd.DataFrame({c: [] for c in cols})
+    frame = pd.DataFrame.from_records(records)
+    for col in cols:
+        if col not in frame:
+            frame[col] = None
+    frame = frame[cols]
+    for col in ("step", "attempt"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).astype("int64")
+    for col, default in (("kind", "?"), ("severity", "info"), ("message", "")):
+        frame[col] = frame[col].fillna(default).astype(str)
+    frame["time"] = pd.to_datetime(pd.to_numeric(frame.time, errors="coerce"), unit="s", utc=True)
+    frame["data"] = [d if isinstance(d, dict) else {} for d in frame.data]
     return frame
 
 
@@ -198,13 +201,12 @@ def first_abnormal(run: Path, metrics: tuple[str, ...], lineage: int, onset: int
     t = table(run, runstore.LAYERS)
     if t is None:
         return None
-    f = _lineage_firsts(run, t)
-    found = []
-    for metric in metrics:
-        rows = layers_mod.rows_before(t, metric, f, lineage, onset)
-        hit = layers_mod.first_abnormal(rows, onset, metric)
-        if hit is not None:
-            found.append(hit)
+    rows = layers_mod.rows_before(t, list(metrics), _lineage_firsts(run, t), lineage, onset)
+    found = [
+        hit
+        for metric, part in rows.groupby("metric")
+        if (hit := layers_mod.first_abnormal(part, onset, str(metric))) is not None
+    ]
     return min(found, key=lambda a: (a.step, -abs(a.z)), default=None)
 
 

@@ -9,8 +9,10 @@ when its robust z-score against the same layer's own trailing window exceeds
 where ``w`` is the layer's previous ``WINDOW`` recorded values of that metric (at least
 ``MIN_HISTORY``), on the branch the spike happened on (its attempt's lineage), and MAD is
 the median absolute deviation (floored at 1e-3 x |median| so that a flat history does
-not make every wiggle infinite). 0.6745 makes z comparable to a normal z-score; 3.5 is
-Iglewicz and Hoaglin's outlier limit. The *first* layer to go abnormal before a spike is
+not make every wiggle infinite). 0.6745 makes z comparable to a normal z-score; the
+limit is 6 (OLMo-core's spike rule is 6 sigma) rather than Iglewicz and Hoaglin's 3.5,
+because a 96-layer model tests hundreds of (layer, metric, step) values per spike and a
+looser limit finds noise. The *first* layer to go abnormal before a spike is
 the one with the earliest abnormal step in the stretch that ends at the first recorded
 step at or after the spike's onset (probes record layers every N steps, so the first look
 after the onset is included), ties broken by the larger |z|.
@@ -27,10 +29,10 @@ from yoto import catalog
 
 from .query import Table, lineage_sql
 
-WINDOW = 16
+WINDOW = 32
 MIN_HISTORY = 5
-Z_LIMIT = 3.5
-LOOKBACK = 8  # recorded steps before the onset searched for the first abnormal value
+Z_LIMIT = 6.0
+LOOKBACK = 4  # recorded steps before the onset searched for the first abnormal value
 MAX_CELLS = 20_000  # per heatmap: bins per layer = MAX_CELLS // layers
 
 # a heatmap cell summarises several steps: by the extreme that matters for the metric
@@ -43,7 +45,10 @@ def layer_order(names: list[str]) -> list[str]:
 
 
 def metrics(t: Table) -> list[str]:
-    return [r[0] for r in t.query("SELECT DISTINCT metric FROM {src} ORDER BY 1").fetchall()]
+    """The metrics of the newest segments (probes do not change during a run; reading the
+    metric column of a 38M-row table would cost a second)."""
+    q = "SELECT DISTINCT metric FROM {src} ORDER BY 1"
+    return [r[0] for r in t.newest(8).query(q).fetchall()] or [r[0] for r in t.query(q).fetchall()]
 
 
 def heatmap(
@@ -51,21 +56,29 @@ def heatmap(
 ) -> pd.DataFrame:
     """layer, step0, step1 (the bin's step range), value: one row per (layer, step bin) on
     one lineage; each layer gets at most ``max_cells // layers`` bins."""
-    where = f"metric = $metric AND {lineage_sql(firsts, lineage)} AND isfinite(value)"
-    lim = t.query(
-        f"SELECT min(step), max(step), count(DISTINCT layer), count(DISTINCT step) "
-        f"FROM {{src}} WHERE {where}",
-        {"metric": metric},
-    ).fetchone()
-    if lim[0] is None:
+    t = t.only({a for a in firsts if a <= lineage})
+    where = f"metric = $metric AND {lineage_sql(firsts, lineage)}"
+    # the layer count from the newest segments (a segment may hold only another probe's
+    # rows, e.g. spectra results: then ask the whole table)
+    count = "SELECT count(DISTINCT layer) FROM {src} WHERE metric = $metric"
+    n_layers = t.newest(8).query(count, {"metric": metric}).fetchone()[0]
+    n_layers = n_layers or t.query(count, {"metric": metric}).fetchone()[0]
+    if t.spans is not None:
+        lo = min(first for _, first, _ in t.spans.values())
+        hi = max(last for _, _, last in t.spans.values())
+    else:
+        lo, hi = t.query(
+            f"SELECT min(step), max(step) FROM {{src}} WHERE {where}", {"metric": metric}
+        ).fetchone()
+    if lo is None or not n_layers:
         return pd.DataFrame({"layer": [], "step0": [], "step1": [], "value": []})
-    lo, hi, n_layers, n_steps = lim
-    bins = max(1, min(n_steps, max_cells // max(1, n_layers)))
+    bins = max(1, min(hi - lo + 1, max_cells // n_layers))
     agg = "min" if metric in LOW_IS_BAD else "max"
     frame = t.df(
         f"SELECT layer, (step - $lo) * {bins} // ($hi - $lo + 1) AS bin, min(step) AS step0, "
-        f"max(step) AS step1, {agg}(value) AS value FROM {{src}} WHERE {where} "
-        "GROUP BY layer, bin ORDER BY layer, bin",
+        f"max(step) AS step1, {agg}(value) FILTER (WHERE isfinite(value)) AS value "
+        f"FROM {{src}} WHERE {where} GROUP BY layer, bin HAVING value IS NOT NULL "
+        "ORDER BY layer, bin",
         {"metric": metric, "lo": lo, "hi": hi},
     )
     return frame[["layer", "step0", "step1", "value"]]
@@ -83,9 +96,11 @@ class Abnormal:
     def describe(self) -> str:
         lead = self.onset - self.step
         when = (
-            f"{lead} steps before the onset"
+            f"{lead} step{'s' * (lead != 1)} before the onset"
             if lead > 0
-            else ("at the onset" if lead == 0 else f"{-lead} steps after the onset")
+            else (
+                "at the onset" if lead == 0 else f"{-lead} step{'s' * (lead != -1)} after the onset"
+            )
         )
         return (
             f"layer {self.layer} went abnormal first: {self.metric} = {self.value:.4g} at step "
@@ -140,26 +155,35 @@ def first_abnormal(
 
 
 def rows_before(
-    t: Table, metric: str, firsts: dict[int, int], lineage: int, onset: int
+    t: Table, metrics: list[str], firsts: dict[int, int], lineage: int, onset: int
 ) -> pd.DataFrame:
-    """The rows ``first_abnormal`` needs: the recorded steps up to the first at or after
-    the onset, with enough history before them for the trailing windows."""
-    where = f"metric = $metric AND {lineage_sql(firsts, lineage)}"
-    end = t.query(
-        f"SELECT min(step) FROM {{src}} WHERE {where} AND step >= $onset",
-        {"metric": metric, "onset": onset},
-    ).fetchone()[0]
-    end = end if end is not None else onset
+    """The rows (metric, layer, step, value) ``first_abnormal`` needs: the recorded steps
+    up to the first at or after the onset, with enough history before them for the
+    trailing windows. Read through a step window that widens until it holds them, from
+    the segments whose names say they meet it."""
+    t = t.only({a for a in firsts if a <= lineage})
+    where = f"metric IN $metrics AND {lineage_sql(firsts, lineage)}"
     need = WINDOW + LOOKBACK + 1
-    start = t.query(
-        f"SELECT min(step) FROM (SELECT DISTINCT step FROM {{src}} WHERE {where} "
-        f"AND step <= $end ORDER BY step DESC LIMIT {need})",
-        {"metric": metric, "end": end},
-    ).fetchone()[0]
-    if start is None:
-        return pd.DataFrame({"layer": [], "step": [], "value": []})
-    return t.df(
-        f"SELECT layer, step, value FROM {{src}} WHERE {where} AND step BETWEEN $s AND $e "
-        "ORDER BY layer, step",
-        {"metric": metric, "s": start, "e": end},
-    )
+    lo_all, hi_all = min(firsts.values(), default=0), _last(t)
+    radius = 1024
+    while True:
+        lo, hi = onset - radius, onset + radius
+        rows = t.between(lo, hi).df(
+            f"SELECT metric, layer, step, value FROM {{src}} WHERE {where} "
+            "AND step BETWEEN $lo AND $hi ORDER BY metric, layer, step",
+            {"metrics": list(metrics), "lo": lo, "hi": hi},
+        )
+        steps = np.sort(rows.step.unique()) if not rows.empty else np.array([], dtype=np.int64)
+        after = steps[steps >= onset]
+        enough = steps[steps < onset].size >= need or lo <= lo_all
+        if (after.size or hi >= hi_all) and enough:
+            end = after[0] if after.size else onset
+            keep = steps[steps <= end][-need:]
+            return rows[rows.step.isin(keep)].reset_index(drop=True)
+        radius *= 4
+
+
+def _last(t: Table) -> int:
+    if t.spans is not None:
+        return max(last for _, _, last in t.spans.values())
+    return int(t.query("SELECT max(step) FROM {src}").fetchone()[0] or 0)

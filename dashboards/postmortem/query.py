@@ -13,7 +13,9 @@ branch is the lineage of the last attempt; the other rows are abandoned branches
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,9 @@ def readable(files: list[str]) -> tuple[list[str], list[str]]:
     return good, bad
 
 
+_NAME = re.compile(r"^part-a(\d+)-s(\d+)(?:-(\d+))?(?:-\d+)?\.parquet$")
+
+
 @dataclass(frozen=True)
 class Table:
     """One table of a run, ready to query: ``FROM {src}``."""
@@ -93,10 +98,45 @@ class Table:
     def df(self, sql: str, params: dict | None = None) -> pd.DataFrame:
         return self.query(sql, params).df()
 
-    def columns(self) -> list[str]:
+    @functools.cached_property
+    def _columns(self) -> tuple[str, ...]:
         if not self.files:
-            return []
-        return [r[0] for r in self.query("DESCRIBE SELECT * FROM {src}").fetchall()]
+            return ()
+        return tuple(r[0] for r in self.query("DESCRIBE SELECT * FROM {src}").fetchall())
+
+    def columns(self) -> list[str]:
+        return list(self._columns)
+
+    @functools.cached_property
+    def spans(self) -> dict[str, tuple[int, int, int]] | None:
+        """file -> (attempt, first step, last step) from the segment names the run store
+        gives (``part-a{attempt}-s{first}-{last}``); None if any name does not say."""
+        out = {}
+        for f in self.files:
+            m = _NAME.match(Path(f).name)
+            if not m:
+                return None
+            first = int(m.group(2))
+            out[f] = (int(m.group(1)), first, int(m.group(3) or first))
+        return out
+
+    def between(self, lo: int, hi: int) -> Table:
+        """The segments whose step range meets [lo, hi] (file pruning by name)."""
+        if self.spans is None:
+            return self
+        files = tuple(f for f in self.files if self.spans[f][1] <= hi and self.spans[f][2] >= lo)
+        return Table(files, self.roots, self.damaged) if files else self
+
+    def newest(self, n: int = 2) -> Table:
+        """The last ``n`` segments (by name: attempt, then step)."""
+        return Table(tuple(sorted(self.files)[-n:]), self.roots, self.damaged)
+
+    def only(self, attempts: set[int]) -> Table:
+        """The segments of the given attempts only (file pruning by name)."""
+        if self.spans is None:
+            return self
+        files = tuple(f for f in self.files if self.spans[f][0] in attempts)
+        return Table(files, self.roots, self.damaged) if files else self
 
 
 def table(run: Path, folder: str, roots: Sequence[Path]) -> Table | None:
@@ -125,9 +165,19 @@ def quote(name: str) -> str:
 
 
 def attempts(t: Table) -> pd.DataFrame:
-    """attempt, first, last, rows: one line per attempt."""
+    """attempt, first, last: one line per attempt; from the segment names when they say
+    (no scan of a 10M-row table), else from the data."""
+    if t.spans is not None:
+        rows: dict[int, list[int]] = {}
+        for a, first, last in t.spans.values():
+            lo, hi = rows.get(a, [first, last])
+            rows[a] = [min(lo, first), max(hi, last)]
+        return pd.DataFrame(
+            [(a, lo, hi) for a, (lo, hi) in sorted(rows.items())],
+            columns=["attempt", "first", "last"],
+        )
     return t.df(
-        'SELECT attempt, min(step) AS "first", max(step) AS "last", count(*) AS rows '
+        'SELECT attempt, min(step) AS "first", max(step) AS "last" '
         "FROM {src} GROUP BY attempt ORDER BY attempt"
     )
 
@@ -152,22 +202,6 @@ def lineage_sql(firsts: dict[int, int], lineage: int) -> str:
     return "(" + (" OR ".join(parts) or "FALSE") + ")"
 
 
-def parts(firsts: dict[int, int]) -> list[tuple[int, str, str]]:
-    """(attempt, branch, predicate) for every piece: the surviving branch's piece of each
-    attempt, then the abandoned remainder of each earlier attempt."""
-    if not firsts:
-        return []
-    last = max(firsts)
-    out = []
-    for b, cut in cutoffs(firsts, last).items():
-        if math.isinf(cut):
-            out.append((b, "surviving", f"attempt = {int(b)}"))
-        else:
-            out.append((b, "surviving", f"attempt = {int(b)} AND step < {int(cut)}"))
-            out.append((b, "abandoned", f"attempt = {int(b)} AND step >= {int(cut)}"))
-    return out
-
-
 # --- wide metrics -------------------------------------------------------------------------
 
 
@@ -186,19 +220,26 @@ def series(
     if x != "step" and x not in have:
         return _empty()
     info = attempts(t)
+    lasts = dict(zip(info.attempt.astype(int), info["last"].astype(int), strict=True))
     firsts = dict(zip(info.attempt.astype(int), info["first"].astype(int), strict=True))
-    pieces = [p for p in parts(firsts) if p[1] in branches]
+    pieces = []
+    for attempt, cut in cutoffs(firsts, max(firsts, default=0)).items():
+        lo, hi = firsts[attempt], lasts[attempt]
+        if "surviving" in branches and lo < cut:
+            pieces.append((attempt, "surviving", lo, int(min(hi, cut - 1))))
+        if "abandoned" in branches and not math.isinf(cut) and hi >= cut:
+            pieces.append((attempt, "abandoned", int(cut), hi))
     if not columns or not pieces:
         return _empty()
-    counts = [
-        t.query(f"SELECT count(*) FROM {{src}} WHERE {pred}").fetchone()[0] for *_, pred in pieces
-    ]
+    spans = [hi - lo + 1 for *_, lo, hi in pieces]
     frames = []
-    for col in columns:
-        for (attempt, branch, pred), n_out in zip(
-            pieces, downsample.split_budget(counts, max_points), strict=True
+    for (attempt, branch, lo, hi), n_out in zip(
+        pieces, downsample.split_budget(spans, max_points), strict=True
+    ):
+        sub = t.only({attempt}).between(lo, hi)
+        for col, (xs, ys) in zip(
+            columns, _piece(sub, columns, x, attempt, lo, hi, n_out), strict=True
         ):
-            xs, ys = _piece(t, col, x, pred, n_out)
             if xs.size:
                 frames.append(
                     pd.DataFrame(
@@ -220,43 +261,50 @@ def _empty() -> pd.DataFrame:
     )
 
 
-def _piece(t: Table, col: str, x: str, pred: str, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """One piece of one series, at most ``n_out`` points: small pieces are fetched whole
-    and downsampled here; big ones get MinMaxLTTB's min/max preselection in DuckDB (so a
-    10M-row piece sends ~4 x n_out rows to Python), then LTTB."""
-    c, xq = quote(col), quote(x)
-    ok = f"isfinite({c}) AND isfinite({xq}::DOUBLE)"
-    n = t.query(f"SELECT count(*) FROM {{src}} WHERE {pred} AND {ok}").fetchone()[0]
-    if n == 0 or n_out == 0:
-        return np.array([]), np.array([])
-    if n <= PRESELECT * n_out:
-        got = t.query(
-            f"SELECT {xq}::DOUBLE AS x, {c} AS y FROM {{src}} WHERE {pred} AND {ok} ORDER BY step"
-        ).fetchnumpy()
-        idx = downsample.indices(got["x"], got["y"], n_out)
-        return np.asarray(got["x"])[idx], np.asarray(got["y"])[idx]
+def _piece(
+    t: Table, columns: list[str], x: str, attempt: int, lo: int, hi: int, n_out: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One piece (an attempt's steps lo..hi) of several series, at most ``n_out`` points
+    each, in one scan: short pieces are fetched whole and downsampled with MinMaxLTTB
+    here; long ones get MinMaxLTTB's min/max preselection in DuckDB (a 10M-row piece sends
+    ~4 x n_out rows per series to Python), then LTTB."""
+    xq = f"{quote(x)}::DOUBLE"
+    where = f"attempt = {int(attempt)} AND step BETWEEN {int(lo)} AND {int(hi)}"
+    if hi - lo + 1 <= PRESELECT * n_out:
+        cols = ", ".join(f"{quote(c)} AS c{i}" for i, c in enumerate(columns))
+        got = t.df(f"SELECT {xq} AS x, {cols} FROM {{src}} WHERE {where} ORDER BY step")
+        xs = got["x"].to_numpy(dtype=np.float64, na_value=np.nan)
+        out = []
+        for i in range(len(columns)):
+            ys = got[f"c{i}"].to_numpy(dtype=np.float64, na_value=np.nan)
+            idx = downsample.indices(xs, ys, n_out)
+            out.append((xs[idx], ys[idx]))
+        return out
     buckets = max(1, PRESELECT * n_out // 2)
-    got = t.query(
-        f"""
-        WITH r AS (SELECT step, {xq}::DOUBLE AS x, {c} AS y FROM {{src}} WHERE {pred} AND {ok}),
-        lim AS (SELECT min(step) AS lo, max(step) - min(step) + 1 AS span FROM r),
-        b AS (
-            SELECT (r.step - lim.lo) * {buckets} // lim.span AS bucket,
-                   arg_min(r.x, r.y) AS x0, min(r.y) AS y0,
-                   arg_max(r.x, r.y) AS x1, max(r.y) AS y1,
-                   arg_min(r.x, r.step) AS xf, arg_min(r.y, r.step) AS yf,
-                   arg_max(r.x, r.step) AS xl, arg_max(r.y, r.step) AS yl
-            FROM r, lim GROUP BY bucket
+    aggs = []
+    xa = "step" if x == "step" else xq
+    for i, c in enumerate(columns):
+        # no FILTER (it doubles the cost): min/max skip NULLs, and a NaN or inf a max picks
+        # up is dropped below (a non-finite loss is an event of its own)
+        aggs.append(
+            f"arg_min({xa}, {quote(c)}) AS x0_{i}, min({quote(c)}) AS y0_{i}, "
+            f"arg_max({xa}, {quote(c)}) AS x1_{i}, max({quote(c)}) AS y1_{i}"
         )
-        SELECT x0 AS x, y0 AS y FROM b UNION SELECT x1, y1 FROM b
-        UNION SELECT xf, yf FROM b WHERE bucket = 0
-        UNION SELECT xl, yl FROM b WHERE bucket = (SELECT max(bucket) FROM b)
-        ORDER BY x
-        """
-    ).fetchnumpy()
-    xs, ys = np.asarray(got["x"]), np.asarray(got["y"])
-    idx = downsample.lttb(xs, ys, n_out)
-    return xs[idx], ys[idx]
+    got = t.df(
+        f"SELECT (step - {int(lo)}) * {buckets} // {int(hi - lo + 1)} AS bucket, "
+        f"{', '.join(aggs)} FROM {{src}} WHERE {where} GROUP BY bucket"
+    )
+    out = []
+    for i in range(len(columns)):
+        xs = np.concatenate([got[f"x0_{i}"], got[f"x1_{i}"]]).astype(np.float64)
+        ys = np.concatenate([got[f"y0_{i}"], got[f"y1_{i}"]]).astype(np.float64)
+        keep = np.isfinite(xs) & np.isfinite(ys)
+        xs, ys = xs[keep], ys[keep]
+        order = np.lexsort((ys, xs))
+        xs, ys = xs[order], ys[order]
+        idx = downsample.lttb(xs, ys, n_out)
+        out.append((xs[idx], ys[idx]))
+    return out
 
 
 def histogram(t: Table, col: str, bins: int = 60) -> tuple[pd.DataFrame, dict[str, float]]:

@@ -44,7 +44,7 @@ def sidebar() -> None:
 
 def _newest(frame, runs: list[str]) -> str:
     ok = frame[frame.path.isin(runs)] if "path" in frame else frame.iloc[0:0]
-    if ok.empty or ok.started.isna().all():
+    if ok.empty or "started" not in ok or ok.started.isna().all():
         return runs[0]
     return str(ok.sort_values("started").path.iloc[-1])
 

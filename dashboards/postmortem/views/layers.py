@@ -44,29 +44,31 @@ def render(run: Path) -> None:
             key="layers_spike",
             help="the heatmaps show the branch the spike happened on",
         )
-    with right:
-        metric = st.selectbox("metric", options, format_func=charts.title, key="layers_metric")
     lineage, onset = (None, None) if choice is None else episodes[choice][:2]
+    found = None
+    if onset is not None:
+        found = data.cached_first_abnormal(str(run), fp, tuple(options), lineage, onset)
+    with right:
+        first = options.index(found.metric) if found and found.metric in options else 0
+        metric = st.selectbox(
+            "metric", options, index=first, format_func=charts.title, key="layers_metric"
+        )
     heat = data.cached_heatmap(str(run), fp, metric, lineage)
     if heat is None or heat.empty:
         ui.no_data(charts.title(metric))
         return
     highlight = None
-    if onset is not None:
-        found = data.cached_first_abnormal(str(run), fp, tuple(options), lineage, onset)
-        if found is None:
-            st.info(
-                f"No layer was abnormal (|robust z| > {layers.Z_LIMIT} in "
-                + ", ".join(map(charts.title, options))
-                + f") in the {layers.LOOKBACK} recorded steps up to the spike at step {onset}."
-            )
-        else:
-            st.warning(found.describe().replace(found.metric, charts.title(found.metric)))
-            highlight = heat[
-                (heat.layer == found.layer)
-                & (heat.step0 <= found.step)
-                & (heat.step1 >= found.step)
-            ]
+    if onset is not None and found is None:
+        st.info(
+            f"No layer was abnormal (|robust z| > {layers.Z_LIMIT} in "
+            + ", ".join(map(charts.title, options))
+            + f") in the {layers.LOOKBACK} recorded steps up to the spike at step {onset}."
+        )
+    elif found is not None:
+        st.warning(found.describe().replace(found.metric, charts.title(found.metric)))
+        highlight = heat[
+            (heat.layer == found.layer) & (heat.step0 <= found.step) & (heat.step1 >= found.step)
+        ]
     order = layers.layer_order(sorted(heat.layer.unique()))
     log = metric != catalog.ATTENTION_ENTROPY.name
     st.altair_chart(

@@ -21,23 +21,22 @@ def render(run: Path) -> None:
     else:
         frame, _, damaged = got
         ui.damaged_note(damaged)
-        cols = st.columns(3)
-        for col, key, log, missing in (
-            (cols[0], SCALE, True, "No loss scale: not an fp16 run."),
-            (cols[1], OVERFLOWS, False, "No overflow count recorded."),
-            (cols[2], UNDERFLOW, False, "No gradient underflow recorded."),
+        for key, log, missing in (
+            (SCALE, True, "No loss scale: not an fp16 run."),
+            (OVERFLOWS, False, "No overflow count recorded."),
+            (UNDERFLOW, False, "No gradient underflow recorded."),
         ):
-            with col:
-                part = frame[frame.series == key]
-                if part.empty:
-                    st.info(missing)
-                    continue
-                st.altair_chart(
-                    charts.lines(
-                        part, "optimizer step", charts.title(key), log_y=log, height=220
-                    ).properties(title=charts.title(key)),
-                    width="stretch",
-                )
+            part = frame[frame.series == key]
+            if part.empty:
+                st.info(missing)
+                continue
+            st.markdown(f"**{charts.title(key)}**")
+            st.altair_chart(
+                charts.lines(
+                    part, "optimizer step", charts.title(key), log_y=log, height=200, zero=True
+                ),
+                width="stretch",
+            )
         overflow = frame[frame.series == OVERFLOWS]
         if not overflow.empty:
             st.metric("overflow steps (surviving branch)", int(overflow.value.max()))

@@ -54,6 +54,7 @@ def render(run: Path) -> None:
             x=alt.X("lo:Q", title="eigenvalue λ of WᵀW (log scale)", scale=alt.Scale(type="log")),
             x2="hi:Q",
             y=alt.Y("count:Q", title="eigenvalues per bin"),
+            y2=alt.datum(0),  # ranged in x: the bar must be told to start at zero
             tooltip=[alt.Tooltip("lo:Q", format=".3g"), alt.Tooltip("hi:Q", format=".3g"), "count"],
         )
     )

@@ -1,0 +1,157 @@
+"""The explorer's data layer without a Streamlit server: downsampling, branches, bounds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from yoto import catalog, runstore
+from yoto.dashboards.postmortem import data, downsample, layers, query
+
+LOSS = catalog.TRAIN_LOSS.name
+
+
+def test_downsample_keeps_a_one_step_spike_and_drops_nans() -> None:
+    x = np.arange(1_000_000)
+    y = np.sin(x / 5_000.0)
+    y[123_457] = 50.0
+    y[500_000:500_010] = np.nan
+    idx = downsample.indices(x, y, 2000)
+    assert len(idx) <= 2000 and np.all(np.diff(idx) > 0)
+    assert 123_457 in idx and np.isfinite(y[idx]).all()
+    assert list(downsample.indices(x[:10], y[:10], 2000)) == list(range(10))
+
+
+def test_budget_is_shared_and_bounded() -> None:
+    assert downsample.split_budget([10, 20], 100) == [10, 20]
+    parts = downsample.split_budget([1_000_000, 10, 3_000_000], 2000)
+    assert sum(parts) <= 2000 and min(parts) >= 2 and parts[2] > parts[0]
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run written by the real run store: 30k steps, a rollback to step 20,000 (attempt
+    1 runs 20,001-40,000), a one-step loss spike at 12,345 and a NaN at 25,000."""
+    root = tmp_path_factory.mktemp("long")
+    store = runstore.RunStore.create(
+        root, "long", "model:\n  seq_len: 64\n", flush_every_steps=5000
+    )
+    for attempt, steps in ((0, range(1, 30_001)), (1, range(20_001, 40_001))):
+        for s in steps:
+            loss = 5.0 / math.sqrt(s) + 1.0 + 0.01 * attempt
+            if attempt == 0 and s == 12_345:
+                loss = 42.0
+            if attempt == 1 and s == 25_000:
+                loss = math.nan
+            store.write_step(attempt, s, {LOSS: loss, catalog.TOKENS.name: 64.0 * s})
+    store.close("finished")
+    return store.path
+
+
+def test_series_is_bounded_per_series_and_splits_branches(long_run: Path, yoto_runs) -> None:
+    yoto_runs(long_run.parent)
+    t = data.table(long_run, runstore.METRICS)
+    frame = query.series(t, [LOSS, "not_a_column"], max_points=500)
+    assert set(frame.series) == {LOSS}
+    assert len(frame) <= 500
+    ab = frame[frame.branch == "abandoned"]
+    assert set(ab.attempt) == {0} and ab.x.min() >= 20_001 and ab.x.max() <= 30_000
+    surv = frame[frame.branch == "surviving"]
+    assert surv[surv.attempt == 0].x.max() <= 20_000
+    assert surv[surv.attempt == 1].x.min() >= 20_001
+    assert 42.0 in set(frame.value)  # the spike survives the min/max preselection in DuckDB
+    assert np.isfinite(frame.value).all()
+
+
+def test_series_over_tokens_of_the_surviving_branch(long_run: Path, yoto_runs) -> None:
+    yoto_runs(long_run.parent)
+    t = data.table(long_run, runstore.METRICS)
+    frame = query.series(t, [LOSS], x=catalog.TOKENS.name, branches=("surviving",))
+    assert set(frame.branch) == {"surviving"} and len(frame) <= downsample.MAX_POINTS
+    assert frame.x.max() == 64.0 * 40_000
+
+
+def test_lineage_of_each_attempt() -> None:
+    firsts = {0: 1, 1: 61, 2: 30}  # attempt 2 rolled back further than attempt 1 had
+    assert query.cutoffs(firsts, 2) == {0: 30, 1: 30, 2: math.inf}
+    assert query.cutoffs(firsts, 1) == {0: 61, 1: math.inf}
+    con = duckdb.connect()
+    con.register("rows", pd.DataFrame({"attempt": [0, 0, 1, 1, 2], "step": [10, 70, 61, 65, 30]}))
+    got = con.execute(f"SELECT attempt, step FROM rows WHERE {query.lineage_sql(firsts, 1)}")
+    assert sorted(got.fetchall()) == [(0, 10), (1, 61), (1, 65)]
+
+
+def test_duckdb_opens_nothing_outside_the_roots(tmp_path: Path, yoto_runs) -> None:
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    pq.write_table(pa.table({"a": [1]}), outside / "x.parquet")
+    con = query.connect([inside])
+    with pytest.raises(duckdb.PermissionException):
+        con.execute(f"SELECT * FROM '{outside / 'x.parquet'}'").fetchall()
+    with pytest.raises(duckdb.Error):  # nor can the limits be lifted
+        con.execute("SET enable_external_access = true")
+    yoto_runs(inside)
+    with pytest.raises(query.ExplorerError, match="not under the run roots"):
+        data.table(outside, runstore.METRICS)
+
+
+def test_run_dirs_from_runs_and_roots(tmp_path: Path, yoto_runs) -> None:
+    a = runstore.RunStore.create(tmp_path / "root", "a", "").path
+    b = runstore.RunStore.create(tmp_path / "root", "b", "").path
+    (tmp_path / "root" / "not-a-run").mkdir()
+    single = runstore.RunStore.create(tmp_path / "other", "c", "").path
+    yoto_runs(tmp_path / "root", single, tmp_path / "missing")
+    assert data.run_dirs() == [a.resolve(), b.resolve(), single.resolve()]
+    assert data.missing_roots() == [(tmp_path / "missing").resolve()]
+
+
+def _layer_rows(jump_layer: str | None, jump_step: int) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    rows = []
+    for step in range(10, 410, 10):
+        for layer in ("0", "1", "2", "3"):
+            value = 1.0 + 0.02 * rng.standard_normal()
+            if layer == jump_layer and step >= jump_step:
+                value *= 10
+            rows.append((layer, step, value))
+    return pd.DataFrame(rows, columns=["layer", "step", "value"])
+
+
+def test_first_abnormal_layer_is_the_one_that_moved_first() -> None:
+    found = layers.first_abnormal(_layer_rows("2", 390), onset=395, metric="m")
+    assert found is not None and (found.layer, found.step) == ("2", 390) and found.z > 6
+    assert "5 steps before the onset" in found.describe()
+    assert layers.first_abnormal(_layer_rows(None, 0), onset=395, metric="m") is None
+    # the look ends at the first recorded step at or after the onset
+    late = layers.first_abnormal(_layer_rows("1", 400), onset=395, metric="m")
+    assert late is not None and late.layer == "1" and late.step == 400
+
+
+def test_layer_order_is_by_depth() -> None:
+    assert layers.layer_order(["10", "2", "lm_head", "1"]) == ["1", "2", "10", "lm_head"]
+
+
+def test_heatmap_when_the_newest_segment_holds_another_probes_rows(
+    tmp_path: Path, yoto_runs
+) -> None:
+    """Spectra results arrive as layer rows of their own (a late segment with only
+    yoto_weight_* metrics): the heatmap of another metric must still find its layers."""
+    store = runstore.RunStore.create(tmp_path, "mixed", "", flush_every_steps=1000)
+    norm = catalog.LAYER_GRAD_NORM
+    for step in (10, 20, 30):
+        store.write_step(0, step, {norm.key(layer=str(i)): 0.1 * step + i for i in range(3)})
+    store.flush()
+    store.write_step(0, 31, {catalog.WEIGHT_ALPHA.key(layer="blocks.0.attn.qkv"): 3.0})
+    store.close("finished")
+    yoto_runs(tmp_path)
+    heat = data.layer_heatmap(store.path, norm.name, None)
+    assert sorted(heat.layer.unique()) == ["0", "1", "2"] and len(heat) == 9
+    assert norm.name in data.layer_metrics(store.path)
