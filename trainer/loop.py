@@ -241,9 +241,22 @@ class Trainer:
             self.event(v.kind, v.severity, v.message, step=v.step, **{**v.data, "onset": v.onset})
         if self.info.is_main:
             for record in self.runner.take_records():
-                self.sinks.write_records(record.table, self.state.attempt, record.step, record.rows)
+                attempt = self._attempt_of(record.step)
+                self.sinks.write_records(record.table, attempt, record.step, record.rows)
         else:
             self.runner.take_records()
+
+    def _attempt_of(self, step: int) -> int:
+        """The attempt that trained ``step``, for a late record (a spectra analysis handed
+        in steps after it was asked for, perhaps after a rollback): the current attempt
+        trained the steps since the last rollback's checkpoint; a step past where it is now
+        belongs to the branch that rollback abandoned; earlier steps, to earlier attempts."""
+        hi, attempt = self.state.step, self.state.attempt
+        for rb in reversed(self.run.rollbacks):
+            if step > rb["to_step"]:
+                return attempt if step <= hi else rb.get("from_attempt", rb["attempt"] - 1)
+            hi, attempt = rb["to_step"], rb.get("from_attempt", rb["attempt"] - 1)
+        return attempt
 
     def _start_batch_schedule(self) -> None:
         """Put the engine on the schedule's batch for the current position, silently; only

@@ -127,6 +127,7 @@ def rollback(trainer: Trainer, decision: Decision) -> bool:
     sampler.skip(target - resumed_at)
     skipped = (target - resumed_at) // max(1, batch)
     trainer.faults.rolled_back()
+    abandoned = trainer.state.attempt
     run.max_attempt += 1
     trainer.state.attempt = run.max_attempt
     run.skipped_batches += skipped
@@ -143,6 +144,7 @@ def rollback(trainer: Trainer, decision: Decision) -> bool:
         "onset": decision.onset,
         "reason": decision.reason,
         "attempt": run.max_attempt,
+        "from_attempt": abandoned,
     }
     run.rollbacks.append(record)
     if trainer.info.is_main:  # the abandoned branch's checkpoints: out of sight at once

@@ -18,6 +18,7 @@ PAGES = {  # views/ file -> title
     "spectra": "Spectra",
     "compare": "Compare",
     "throughput": "Throughput",
+    "scaling": "Scaling",
 }
 
 

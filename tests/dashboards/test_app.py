@@ -125,3 +125,13 @@ def test_live_run_new_segments_show_after_a_rerun(run_dir_copy: Path, yoto_runs)
     assert problems(at) == []
     [table] = at.dataframe
     assert len(table.value) == before + 1 and "late alert" in set(table.value.message)
+
+
+def test_every_page_file_is_registered_and_tested() -> None:
+    from tests.dashboards.helpers import APP
+
+    views = {p.stem for p in (APP.parent / "views").glob("*.py") if p.stem != "__init__"}
+    app_text = APP.read_text()
+    assert views == set(PAGES)
+    for page in views:
+        assert f'"{page}.py"' in app_text, f"views/{page}.py is not in app.py's PAGES"
