@@ -143,12 +143,15 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
         ),
         Rule(
             "YotoMetricsAbsent",
-            f'up{{job="{JOB}"}} == 0',
+            # a run that ended on purpose said so in its last scrape; a crash did not
+            f'up{{job="{JOB}"}} == 0\nunless on (instance, job) '
+            f"last_over_time({m.RUN_ENDED.name}[1h]) == 1",
             "critical",
             "Trainer metrics absent: {{ $labels.instance }}",
             "Prometheus cannot scrape this trainer's rank 0: the run crashed, the node is "
             "down, or the exporter is unreachable.",
             for_="5m",
+            metrics=(m.RUN_ENDED,),
         ),
         Rule(
             "YotoSpectraOutOfBand",

@@ -408,6 +408,14 @@ RUN_INFO = _metric(
     labels=("run", "name", "preset"),
     cadence="event",
 )
+RUN_ENDED = _metric(
+    "yoto_run_ended",
+    "gauge",
+    "",
+    "1 once the run ended on purpose (finished, halted, interrupted): its target going "
+    "down is then no alert. A crash leaves it 0, so that 'metrics absent' pages.",
+    cadence="event",
+)
 ALERTS_SENT = _metric(
     "yoto_alerts_sent_total",
     "counter",

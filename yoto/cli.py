@@ -262,6 +262,7 @@ def live_sinks(cfg: config_mod.Config, preset: str) -> list[Any]:
             preset,
             cfg.live.layer_series_max,
             extra=notifier.stats if notifier is not None else None,
+            linger_seconds=cfg.live.linger_seconds,
         )
         bound = exporter.serve(addr, cfg.live.port_search)
         logging.getLogger("yoto").info("serving /metrics on http://%s/metrics", bound)

@@ -360,6 +360,12 @@ class LiveConfig(Section):
     layer_series_max: int = Field(
         1000, ge=0, description="per-layer series exported at most, spread over the depth"
     )
+    linger_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="at the end, keep /metrics up until one more scrape (at most this "
+        "long; only when something has been scraping) so Prometheus sees the run end",
+    )
 
 
 class NotifyConfig(Section):

@@ -89,10 +89,14 @@ class Exporter:
         preset: str,
         layer_series_max: int = 1000,
         extra: Callable[[], Mapping[str, float]] | None = None,
+        linger_seconds: float = 0.0,
     ) -> None:
         self.info = {"run": "", "name": "", "preset": preset}
         self.layer_budget = max(0, layer_series_max) // max(1, len(_LAYER_METRICS))
         self.extra = extra  # e.g. the notifier's delivery counters
+        self.linger_seconds = linger_seconds
+        self._ended = 0.0
+        self._scrapes = 0
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}  # series key -> latest value
         self._window: dict[str, float] = {}  # metric name -> max since the last scrape
@@ -181,7 +185,19 @@ class Exporter:
         pass
 
     def close(self, status: str) -> None:
-        """Stop serving. The final values were scraped, or are in the run directory."""
+        """Stop serving. When Prometheus has been scraping, first wait (up to
+        ``linger_seconds``) for one more scrape, so that it sees how the run ended
+        (``yoto_run_ended``) and a finished run's target going down pages nobody."""
+        with self._lock:
+            self._ended = 0.0 if status == "crashed" else 1.0
+            seen = self._scrapes
+        if self.server is not None and seen and self.linger_seconds > 0:
+            deadline = time.monotonic() + self.linger_seconds
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if self._scrapes > seen:
+                        break
+                time.sleep(0.05)
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -224,7 +240,9 @@ class Exporter:
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
+            self._scrapes += 1
             last = dict(self._last)
+            last[catalog.RUN_ENDED.name] = self._ended
             window, self._window = self._window, {}
             events = dict(self._events)
             nonfinite = self._nonfinite

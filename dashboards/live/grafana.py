@@ -117,6 +117,11 @@ def _overview() -> Board:
                 mappings={"0": ("training", "green"), "1": ("HALTED", "red")},
             ),
             _stat(
+                value(c.RUN_ENDED),
+                title="Ended",
+                mappings={"0": ("running", "green"), "1": ("ended", "blue")},
+            ),
+            _stat(
                 age(c.LAST_STEP_TIME),
                 title="Since last step",
                 thresholds=((None, "green"), (120, "orange"), (600, "red")),

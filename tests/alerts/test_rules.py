@@ -80,8 +80,10 @@ CASES: dict[str, tuple[list[dict], list[dict], dict[str, str], int]] = {
         30,
     ),
     "YotoMetricsAbsent": (
-        [series("up", "1 1 0 0 0 0 0 0 0 0")],
-        [series("up", "1x10")],
+        # a crash: the run never said it ended
+        [series("up", "1 1 0 0 0 0 0 0 0 0"), series(m.RUN_ENDED, "0 0")],
+        # a finished run's last scrape said so; its target going down pages nobody
+        [series("up", "1 1 0 0 0 0 0 0 0 0"), series(m.RUN_ENDED, "0 1")],
         {},
         9,
     ),

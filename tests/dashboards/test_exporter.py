@@ -120,3 +120,23 @@ def test_addresses() -> None:
         with pytest.raises(ConfigError, match="HOST:PORT"):
             parse_addr(bad)
     assert even_subset([str(i) for i in range(10)], 4) == ["0", "3", "6", "9"]
+
+
+def test_the_end_of_a_run_is_scraped_before_the_port_closes() -> None:
+    import threading
+
+    e = Exporter("tiny", linger_seconds=10)
+    e.serve(parse_addr("127.0.0.1:0"))
+    e.write_step(0, 1, {LOSS: 2.0})
+    assert sample(scrape(e), catalog.RUN_ENDED.name) == 0
+    seen: list[str] = []
+    timer = threading.Timer(0.3, lambda: seen.append(scrape(e)))  # Prometheus' next scrape
+    timer.start()
+    e.close("finished")  # waits for that scrape
+    timer.join()
+    assert sample(seen[0], catalog.RUN_ENDED.name) == 1
+
+    crashed = Exporter("tiny", linger_seconds=0)  # nobody scraped: no waiting
+    crashed.serve(parse_addr("127.0.0.1:0"))
+    crashed.close("crashed")
+    assert crashed._ended == 0

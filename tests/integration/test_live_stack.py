@@ -98,6 +98,9 @@ def test_fault_to_prometheus_alertmanager_and_chat(tmp_path: Path) -> None:
             start = next(e for e in events if e["kind"] == "start")
             end = next(e for e in events if e["kind"] == "end")
             check_expressions(prom, start["time"], end["time"])
+            # the exporter waited for one more scrape: Prometheus knows the run ended
+            ended = prom.query_range(catalog.RUN_ENDED.name, start["time"], end["time"] + 10)
+            assert ended and max(float(v) for _, v in ended[0]["values"]) == 1
     finally:
         am_receiver.down()
         chat_receiver.down()
