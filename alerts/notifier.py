@@ -279,10 +279,10 @@ class ChatNotifier:
             if message.severity != Severity.CRITICAL and not self._take_token(now):
                 self.dropped["rate_limited"] += 1
                 return False
-            self._seen[message.key] = now
             if len(self._queue) >= self.cfg.queue_size and not self._make_room(message):
                 self.dropped["queue_full"] += 1
                 return False
+            self._seen[message.key] = now  # only once queued: a dropped one may come again
             self._queue.append(message)
             self._cond.notify()
         return True
