@@ -92,3 +92,19 @@ def torchrun(nproc: int = 2) -> list[str]:
         "--master_port",
         str(port),
     ]
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script>`` as a user would; returns its stdout (fails on an error)."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout

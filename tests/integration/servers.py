@@ -81,30 +81,22 @@ class Prometheus:
         params = {"query": expr}
         if at is not None:
             params["time"] = f"{at:.3f}"
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                body = json.load(r)
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"{expr!r}: {exc.read().decode()}") from exc
-        assert body["status"] == "success", body
-        return body["data"]
+        return self._get("query", params, timeout=10)
 
     def query_range(self, expr: str, start: float, end: float, step: str = "1s") -> list:
         """The series a range query returns (raises on an invalid expression)."""
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step}
-        url = f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}"
+        return self._get("query_range", params, timeout=30)["result"]
+
+    def _get(self, endpoint: str, params: dict[str, str], timeout: float) -> dict[str, Any]:
+        url = f"{self.url}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}"
         try:
-            with urllib.request.urlopen(url, timeout=30) as r:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
                 body = json.load(r)
         except urllib.error.HTTPError as exc:
-            raise AssertionError(f"{expr!r}: {exc.read().decode()}") from exc
+            raise AssertionError(f"{params['query']!r}: {exc.read().decode()}") from exc
         assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def alerts(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.url}/api/v1/alerts", timeout=10) as r:
-            return json.load(r)["data"]["alerts"]
+        return body["data"]
 
 
 @contextlib.contextmanager
