@@ -1,6 +1,7 @@
 """The served explorer in a real browser: Debian's chromium driven by Playwright opens
-``yoto explore`` on the recorded run, visits every page, finds no error element, and
-saves screenshots. Under CI (CI=true) a missing browser fails instead of skipping."""
+``yoto explore`` on the recorded run, visits every page, finds no error element,
+clicks the rollback's marker on the Timeline to see its details, and saves screenshots.
+Under CI (CI=true) a missing browser fails instead of skipping."""
 
 from __future__ import annotations
 
@@ -83,6 +84,19 @@ def served(explorer_run: Path, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+def click_rollback_marker(page) -> None:
+    """A click on the rollback's rule in the loss chart shows that event's details."""
+    detail = page.get_by_text("rollback at step")
+    assert detail.count() == 0, "event details shown before any click"
+    loss_chart = page.locator('[data-testid="stVegaLiteChart"]').first
+    marker = loss_chart.locator('[aria-label*="kind: rollback"]').first
+    marker.click(force=True)  # a 2 px rule: skip Playwright's hit-target check
+    detail.first.wait_for(timeout=60_000)
+    page.wait_for_selector(IDLE, timeout=120_000)
+    box = page.locator('[data-testid="stVerticalBlock"]', has=detail).last
+    assert "rolled back from step" in box.inner_text()
+
+
 def test_every_page_in_chromium(served: str, browser_path: str, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -106,6 +120,8 @@ def test_every_page_in_chromium(served: str, browser_path: str, tmp_path: Path) 
                 page.wait_for_selector(IDLE, timeout=120_000)
                 errors = page.locator(ERRORS)
                 assert errors.count() == 0, f"{name}: {errors.all_inner_texts()}"
+                if name == "timeline":
+                    click_rollback_marker(page)
                 page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
             # the runs table lists the run in the page itself
             page.goto(served)
