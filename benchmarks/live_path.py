@@ -8,9 +8,11 @@
    must not slow training);
 3. end-to-end seconds from an injected fault to a webhook receiving it through each path
    (Prometheus -> Alertmanager -> webhook, and the trainer's own notifier), by running
-   tests/integration/test_live_stack.py, which uses real servers.
+   tests/integration/test_live_stack.py, which uses real servers with 1 s timing;
+4. the same with the timing deploy/ ships (15 s scrape and rule evaluation, Alertmanager's
+   30 s group_wait for warnings), which is what a user of the compose stack waits.
 
-    .venv/bin/python benchmarks/live_path.py            # all three
+    .venv/bin/python benchmarks/live_path.py            # all four
     .venv/bin/python benchmarks/live_path.py --quick    # 1 and 2 on small shapes
 """
 
@@ -140,10 +142,73 @@ def end_to_end() -> dict:
         return json.loads(path.read_text())
 
 
+def end_to_end_shipped_timing() -> dict:
+    """Real servers with deploy/'s timing; the run is stopped (SIGTERM) once both webhooks
+    have the fault, since an alert resolves when its target is gone."""
+    from tests.helpers import FAST, only_run, subprocess_env, yoto_bin
+    from tests.integration import servers
+    from yoto import runstore
+    from yoto.alerts import alertmanager, rules
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        am_receiver, chat_receiver = servers.Receiver().up(), servers.Receiver().up()
+        hook = alertmanager.Channel("webhook", url=am_receiver.url)
+        am_config = alertmanager.build_config([hook])
+        rules_file = tmp / "rules.yml"
+        rules_file.write_text(rules.render())  # deploy/'s 15 s evaluation
+        port = servers.free_port()
+        env = {**subprocess_env(), "YOTO_NOTIFY_URLS": f"json://127.0.0.1:{chat_receiver.port}/"}
+        cmd = [
+            yoto_bin(),
+            "train",
+            "--run-root",
+            str(tmp / "runs"),
+            "--no-progress",
+            f"--metrics-addr=127.0.0.1:{port}",
+            *(f"--set={item}" for item in FAST),
+            "--set=checkpoint.every=20",
+            "--set=train.steps=100000",
+            "--inject=lr_spike@80",
+        ]
+        try:
+            with (
+                servers.alertmanager(tmp, json.dumps(am_config)) as am,
+                servers.prometheus(tmp, [f"127.0.0.1:{port}"], rules_file, am, "15s"),
+                open(tmp / "train.log", "wb") as log,
+            ):
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    am_got = am_receiver.wait_for(1, timeout=300)
+                    chat_got = chat_receiver.wait_for(1, timeout=10)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=120)
+            if not am_got or not chat_got:
+                return {"error": (tmp / "train.log").read_text()[-2000:]}
+            events = runstore.read_events(only_run(tmp / "runs"))
+            fault = next(e for e in events if e["kind"] == "fault_injected")
+            alerts = sorted({a["labels"]["alertname"] for a in am_got[0][1]["alerts"]})
+            return {
+                "alertmanager_seconds": round(am_got[0][0] - fault["time"], 1),
+                "first_alerts": alerts,
+                "notifier_seconds": round(chat_got[0][0] - fault["time"], 2),
+            }
+        finally:
+            am_receiver.down()
+            chat_receiver.down()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, no end-to-end run")
+    parser.add_argument(
+        "--shipped-timing-only", action="store_true", help="only 4: deploy/'s timing end to end"
+    )
     args = parser.parse_args()
+    if args.shipped_timing_only:
+        print(json.dumps(end_to_end_shipped_timing(), indent=2))
+        return
     shapes = {"tiny": SHAPES["tiny"]} if args.quick else SHAPES
     results = [
         scrape_cost(name, overrides, 20 if args.quick else 100, 5 if args.quick else 180)
@@ -152,6 +217,7 @@ def main() -> None:
     report = {"scrape": results, **notify_cost(50 if args.quick else 1000)}
     if not args.quick:
         report["fault_to_webhook"] = end_to_end()
+        report["fault_to_webhook_shipped_timing"] = end_to_end_shipped_timing()
     print(json.dumps(report, indent=2))
 
 

@@ -101,12 +101,17 @@ class Prometheus:
 
 @contextlib.contextmanager
 def prometheus(
-    tmp: Path, targets: list[str], rules: Path | None, alertmanager: str | None = None
+    tmp: Path,
+    targets: list[str],
+    rules: Path | None,
+    alertmanager: str | None = None,
+    interval: str = "1s",
 ) -> Iterator[Prometheus]:
+    """A Prometheus scraping ``targets`` and evaluating ``rules`` every ``interval``."""
     binary = require_binary("prometheus")
     port = free_port()
     config: dict[str, Any] = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": [
             {"job_name": "yoto", "static_configs": [{"targets": targets}]},
         ],
