@@ -20,6 +20,7 @@ few dictionary updates, so the training loop never waits on a scrape for long.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -259,12 +260,14 @@ class Exporter:
             last.update(self.extra())
         families: dict[str, Metric] = {}
         for key, value in last.items():
-            name, labels = catalog.parse_series_key(key)
-            metric = catalog.CATALOG.get(name)
-            if metric is None:
+            parsed = _series(key)
+            if parsed is None:
                 continue  # not a catalog series (never exported under a name typed elsewhere)
-            family = families.get(name) or families.setdefault(name, _family(metric))
-            family.add_metric([labels.get(label, "") for label in metric.labels], value)
+            metric, label_values = parsed
+            family = families.get(metric.name)
+            if family is None:
+                family = families[metric.name] = _family(metric)
+            family.add_metric(label_values, value)
         events_family = _family(catalog.EVENTS)
         for (kind, severity), count in sorted(events.items()):
             events_family.add_metric([kind, severity], count)
@@ -279,6 +282,18 @@ class Exporter:
         dropped_family.add_metric([], dropped)
         families[catalog.LAYER_SERIES_DROPPED.name] = dropped_family
         return [families[name] for name in sorted(families)]
+
+
+@functools.lru_cache(maxsize=16384)
+def _series(key: str) -> tuple[catalog.Metric, list[str]] | None:
+    """The catalog metric of a series key and its label values in the catalog's order;
+    cached because a run exports the same keys at every scrape (the per-layer cap bounds
+    them), and parsing them was a fifth of a 96-layer scrape."""
+    name, labels = catalog.parse_series_key(key)
+    metric = catalog.CATALOG.get(name)
+    if metric is None:
+        return None
+    return metric, [labels.get(label, "") for label in metric.labels]
 
 
 def _family(metric: catalog.Metric) -> Metric:

@@ -97,6 +97,15 @@ def test_small_models_export_every_layer(exporter: Exporter) -> None:
     text = scrape(exporter)
     assert sample(text, catalog.LAYER_SERIES_DROPPED.name) == 0
     assert sample(text, catalog.LAYER_GRAD_NORM.key(layer="2")) == 0.25
+    exporter.write_step(0, 2, {catalog.LAYER_GRAD_NORM.key(layer="2"): 0.5})
+    assert sample(scrape(exporter), catalog.LAYER_GRAD_NORM.key(layer="2")) == 0.5
+
+
+def test_names_off_the_catalog_are_never_exported(exporter: Exporter) -> None:
+    exporter.write_step(0, 1, {LOSS: 2.0, "yoto_typed_elsewhere": 1.0, 'yoto_x{layer="1"}': 2.0})
+    text = scrape(exporter)
+    assert sample(text, LOSS) == 2.0
+    assert "yoto_typed_elsewhere" not in text and "yoto_x" not in text
 
 
 def test_busy_port_moves_on_or_fails_clearly(caplog) -> None:
