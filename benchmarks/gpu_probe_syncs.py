@@ -9,7 +9,7 @@ Without CUDA it runs a reduced mode (the tiny preset, a few steps) so the script
 to work: sync debug mode does not exist there, so host reads of tensor values are counted
 instead (the same wrapper as benchmarks/probe_overhead.py).
 
-    .venv/bin/python benchmarks/gpu_probe_syncs.py [--steps 30] [--preset gpt2-124m]
+    .venv/bin/python benchmarks/gpu_probe_syncs.py [--steps 100] [--preset gpt2-124m]
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def count_host_reads(trainer, steps: int) -> tuple[list[int], list[float]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=55, help="covers one layer-stats step")
+    # the window holds steps 50 and 100, where the layer-statistics and headroom probes run
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--preset", default="gpt2-124m")
     ap.add_argument("--micro-batch", type=int, default=16)
     args = ap.parse_args()
