@@ -188,6 +188,12 @@ def _add_scaling_parsers(sub: Any) -> None:
     p.add_argument("--name", help="run name prefix (default: the preset or config name)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="each run serves Prometheus /metrics here in turn (default live.metrics_addr; "
+        "0 = off)",
+    )
     p.add_argument("--no-fit", action="store_true", help="no scaling fit at the end")
 
     scaling = sub.add_parser("scaling", help="scaling-law fits and effective model size")
@@ -491,7 +497,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(sweep.describe(plan), file=sys.stderr)
     if args.dry_run:
         return 0
-    results = sweep.run(plan, args.run_root, progress=args.progress, argv=sys.argv[1:])
+    if args.metrics_addr is not None:
+        for point in plan.points:
+            point.cfg.live.metrics_addr = args.metrics_addr
+    label = Path(args.config).stem if args.config else preset
+    results = sweep.run(
+        plan,
+        args.run_root,
+        progress=args.progress,
+        argv=sys.argv[1:],
+        live=lambda cfg: live_sinks(cfg, label),
+    )
     failed = [r for r in results if r["status"] != "finished"]
     print(f"sweep {plan.id}: {len(results) - len(failed)} of {len(results)} runs finished")
     for r in results:

@@ -29,6 +29,7 @@ import math
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,9 +312,12 @@ def run(
     run_root: str | Path,
     progress: bool = False,
     argv: list[str] | None = None,
+    live: Callable[[config_mod.Config], list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the points in order. A point that fails is recorded and the sweep goes on
-    (the others are still worth having); Ctrl-C stops the sweep."""
+    (the others are still worth having); Ctrl-C stops the sweep. ``live(cfg)`` makes a
+    point's live sinks (``yoto train``'s exporter and notifier): the points serve
+    ``/metrics`` one after another on the same address, told apart by ``yoto_run_info``."""
     from yoto.trainer.run import train  # heavy imports only when training
 
     results = []
@@ -332,6 +336,7 @@ def run(
                 run_root=run_root,
                 name=run_name(plan_, point),
                 argv=argv,
+                live=(lambda cfg=cfg: live(cfg)) if live is not None else None,
                 manifest_extra={"sweep": plan_.tag(point)},
             )
             entry.update(status="finished", run_dir=str(run_dir))

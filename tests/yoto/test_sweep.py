@@ -38,7 +38,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
 
     root = tmp_path_factory.mktemp("sweep") / "runs"
     sets = [arg for item in SMALL for arg in ("--set", item)]
-    grid = ["--grid", "model.d_model=16,32,64", "--name", "w"]
+    grid = ["--grid", "model.d_model=16,32,64", "--name", "w", "--metrics-addr=127.0.0.1:0"]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(["sweep", "--preset", "tiny", "--run-root", str(root), *sets, *grid])
@@ -56,6 +56,9 @@ def test_three_size_sweep_then_fit(sweep, capsys) -> None:
     assert [r.sweep["point"] for r in runs] == [{"model.d_model": w} for w in (16, 32, 64)]
     assert {r.sweep["id"] for r in runs} == {sweep_id}
     assert all(r.status == "finished" and r.last_step == 30 for r in runs)
+    # each point served /metrics while it trained, as `yoto train` does
+    urls = [runstore.read_manifest(r.path).get("metrics_url") for r in runs]
+    assert all(u and u.startswith("http://127.0.0.1:") for u in urls), urls
     sizes = [r.non_embedding_parameters for r in runs]
     assert sizes[0] < sizes[1] < sizes[2]
     # equal tokens: every run trained on 30 steps x 8 sequences x 32 tokens
