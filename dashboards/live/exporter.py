@@ -285,7 +285,7 @@ class Exporter:
 
 
 @functools.lru_cache(maxsize=16384)
-def _series(key: str) -> tuple[catalog.Metric, list[str]] | None:
+def _series(key: str) -> tuple[catalog.Metric, tuple[str, ...]] | None:
     """The catalog metric of a series key and its label values in the catalog's order;
     cached because a run exports the same keys at every scrape (the per-layer cap bounds
     them), and parsing them was a fifth of a 96-layer scrape."""
@@ -293,7 +293,7 @@ def _series(key: str) -> tuple[catalog.Metric, list[str]] | None:
     metric = catalog.CATALOG.get(name)
     if metric is None:
         return None
-    return metric, [labels.get(label, "") for label in metric.labels]
+    return metric, tuple(labels.get(label, "") for label in metric.labels)
 
 
 def _family(metric: catalog.Metric) -> Metric:
