@@ -217,6 +217,12 @@ def resolve_config(args: argparse.Namespace) -> config_mod.Config:
     )
 
 
+def config_label(args: argparse.Namespace) -> str:
+    """The preset's name or the config file's stem: a run's default name and its
+    ``preset`` label in ``yoto_run_info``."""
+    return Path(args.config).stem if args.config else (args.preset or DEFAULT_PRESET)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.preset or args.config:
@@ -230,16 +236,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, name = base, runstore.read_manifest(run_dir).get("name", run_dir.name)
     else:
         cfg = resolve_config(args)
-        name = args.name or (
-            Path(args.config).stem if args.config else (args.preset or DEFAULT_PRESET)
-        )
+        name = args.name or config_label(args)
     if args.no_progress:
         cfg.log.progress = False
     if args.inject:
         cfg.faults = [*cfg.faults, *args.inject]
     if args.metrics_addr is not None:
         cfg.live.metrics_addr = args.metrics_addr
-    preset = args.preset or (Path(args.config).stem if args.config else DEFAULT_PRESET)
+    preset = config_label(args)
     from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
 
     train(
@@ -500,7 +504,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.metrics_addr is not None:
         for point in plan.points:
             point.cfg.live.metrics_addr = args.metrics_addr
-    label = Path(args.config).stem if args.config else preset
+    label = config_label(args)
     results = sweep.run(
         plan,
         args.run_root,

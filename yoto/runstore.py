@@ -343,6 +343,20 @@ def _segment_stem(attempt: int, first: int, last: int) -> str:
     return f"part-a{attempt:04d}-s{first:010d}-{last:010d}"
 
 
+# part-a{attempt}-s{first}-{last} (metrics, layers) or part-a{attempt}-s{step} (records);
+# a trailing -N tells apart two writes of the same span
+_SEGMENT = re.compile(r"^part-a(\d+)-s(\d+)(?:-(\d+))?(?:-\d+)?\.parquet$")
+
+
+def segment_span(name: str) -> tuple[int, int, int] | None:
+    """(attempt, first step, last step) that a segment's file name says, or None."""
+    match = _SEGMENT.match(name)
+    if not match:
+        return None
+    first = int(match.group(2))
+    return int(match.group(1)), first, int(match.group(3) or first)
+
+
 def _runs_of_attempt(rows: list[Any], attempt_of: Any) -> Iterator[list[Any]]:
     """Consecutive rows of one attempt: one segment each, so names say what they hold."""
     start = 0
@@ -568,15 +582,12 @@ def list_runs(root: str | Path) -> list[RunSummary]:
     return runs
 
 
-_SEGMENT = re.compile(r"^part-a(\d+)-s(\d+)-(\d+)(?:-\d+)?\.parquet$")
-
-
 def last_recorded(path: str | Path) -> tuple[int, int] | None:
     """(attempt, step) of the newest metric row on disk, from segment names alone."""
     newest = None
     for file in segment_files(path):
-        match = _SEGMENT.match(file.name)
-        if match:
-            key = (int(match.group(1)), int(match.group(3)))
+        span = segment_span(file.name)
+        if span is not None:
+            key = (span[0], span[2])
             newest = key if newest is None or key > newest else newest
     return newest

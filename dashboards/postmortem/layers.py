@@ -63,13 +63,12 @@ def heatmap(
     count = "SELECT count(DISTINCT layer) FROM {src} WHERE metric = $metric"
     n_layers = t.newest(8).query(count, {"metric": metric}).fetchone()[0]
     n_layers = n_layers or t.query(count, {"metric": metric}).fetchone()[0]
-    if t.spans is not None:
-        lo = min(first for _, first, _ in t.spans.values())
-        hi = max(last for _, _, last in t.spans.values())
-    else:
-        lo, hi = t.query(
+    lo, hi = (
+        t.step_range()
+        or t.query(
             f"SELECT min(step), max(step) FROM {{src}} WHERE {where}", {"metric": metric}
         ).fetchone()
+    )
     if lo is None or not n_layers:
         return pd.DataFrame({"layer": [], "step0": [], "step1": [], "value": []})
     bins = max(1, min(hi - lo + 1, max_cells // n_layers))
@@ -184,6 +183,7 @@ def rows_before(
 
 
 def _last(t: Table) -> int:
-    if t.spans is not None:
-        return max(last for _, _, last in t.spans.values())
+    known = t.step_range()
+    if known is not None:
+        return known[1]
     return int(t.query("SELECT max(step) FROM {src}").fetchone()[0] or 0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +73,6 @@ def readable(files: list[str]) -> tuple[list[str], list[str]]:
     return good, bad
 
 
-_NAME = re.compile(r"^part-a(\d+)-s(\d+)(?:-(\d+))?(?:-\d+)?\.parquet$")
-
-
 @dataclass(frozen=True)
 class Table:
     """One table of a run, ready to query: ``FROM {src}``."""
@@ -113,12 +109,20 @@ class Table:
         gives (``part-a{attempt}-s{first}-{last}``); None if any name does not say."""
         out = {}
         for f in self.files:
-            m = _NAME.match(Path(f).name)
-            if not m:
+            span = runstore.segment_span(Path(f).name)
+            if span is None:
                 return None
-            first = int(m.group(2))
-            out[f] = (int(m.group(1)), first, int(m.group(3) or first))
+            out[f] = span
         return out
+
+    def step_range(self) -> tuple[int, int] | None:
+        """(first, last) step of all segments, from their names; None if they do not say."""
+        if self.spans is None:
+            return None
+        return (
+            min(first for _, first, _ in self.spans.values()),
+            max(last for _, _, last in self.spans.values()),
+        )
 
     def between(self, lo: int, hi: int) -> Table:
         """The segments whose step range meets [lo, hi] (file pruning by name)."""
