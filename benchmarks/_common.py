@@ -11,10 +11,8 @@ from collections.abc import Iterator
 import torch
 
 from yoto.config import load_config
-from yoto.events import Sinks
-from yoto.runstore import RunStore
+from yoto.trainer import run
 from yoto.trainer.loop import Trainer
-from yoto.trainer.run import assemble, prepare
 
 SHAPES = {  # the shapes the CPU benchmarks compare
     "tiny": [],
@@ -41,9 +39,8 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int_
 def make_trainer(preset: str, overrides: list[str], root: str | None = None) -> Trainer:
     """A Trainer over a throw-away run directory; step it with ``trainer.step_once()``."""
     cfg = load_config(preset=preset, overrides=[*COMMON, *overrides])
-    prepared = prepare(cfg)
-    store = RunStore.create(root or tempfile.mkdtemp(prefix="yoto-bench-"), "bench", cfg.to_yaml())
-    return assemble(cfg, prepared, store.path, Sinks(durable=store))
+    trainer, _ = run.make_trainer(cfg, root or tempfile.mkdtemp(prefix="yoto-bench-"), "bench")
+    return trainer
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ def yoto_loop(cfg, info, sampler, model, store_dir):
 
     def step() -> int:
         values, _ = trainer.train_step()
-        trainer.sinks.write_step(0, trainer.state.step, values)
+        trainer.sinks.write_step(0, trainer.branch.step, values)
         return engine.train_batch_size() * cfg.model.seq_len
 
     return step

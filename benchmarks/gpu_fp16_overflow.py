@@ -47,7 +47,7 @@ def main() -> int:
     weight = trainer.engine.module.blocks[0].mlp.fc.weight
 
     def poison(grad: torch.Tensor) -> torch.Tensor:
-        return grad * float("inf") if trainer.state.step + 1 in poisoned else grad
+        return grad * float("inf") if trainer.branch.step + 1 in poisoned else grad
 
     weight.register_hook(poison)
     trainer.fit()

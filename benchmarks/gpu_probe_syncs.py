@@ -5,9 +5,11 @@ On CUDA every synchronising call is caught with ``torch.cuda.set_sync_debug_mode
 with probes off, GPT-2-124M-shaped in bf16 by default. The target: the probes add no
 synchronisation; the loop's own is the one transfer per step (``ProbeRunner.flush``).
 
-Without CUDA it runs a reduced mode (the tiny preset, a few steps) so the script is known
+Without CUDA it runs a reduced mode (the tiny preset, a few steps, the per-layer and
+headroom probes every 5 steps so that they run inside the window) so the script is known
 to work: sync debug mode does not exist there, so host reads of tensor values are counted
-instead (the same wrapper as benchmarks/probe_overhead.py).
+instead (the same wrapper as benchmarks/probe_overhead.py). Per variant it also reports the
+values recorded per step, which shows the probes ran.
 
     .venv/bin/python benchmarks/gpu_probe_syncs.py [--steps 100] [--preset gpt2-124m]
 """
@@ -26,31 +28,33 @@ import torch
 from _common import counting_host_reads, make_trainer
 
 
-def count_cuda_syncs(trainer, steps: int) -> tuple[list[int], list[float]]:
-    syncs, times = [], []
+def count_cuda_syncs(trainer, steps: int) -> tuple[list[int], list[float], list[int]]:
+    syncs, times, recorded = [], [], []
     for _ in range(steps):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             start = time.perf_counter()
-            trainer.step_once()
+            values, _ = trainer.step_once()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             torch.cuda.set_sync_debug_mode("default")
         syncs.append(sum("synchronizing" in str(w.message) for w in caught))
-    return syncs, times
+        recorded.append(len(values))
+    return syncs, times, recorded
 
 
-def count_host_reads(trainer, steps: int) -> tuple[list[int], list[float]]:
-    reads, times = [], []
+def count_host_reads(trainer, steps: int) -> tuple[list[int], list[float], list[int]]:
+    reads, times, recorded = [], [], []
     for _ in range(steps):
         counts: Counter = Counter()
         with counting_host_reads(counts):
             start = time.perf_counter()
-            trainer.step_once()
+            values, _ = trainer.step_once()
             times.append(time.perf_counter() - start)
         reads.append(sum(counts.values()))
-    return reads, times
+        recorded.append(len(values))
+    return reads, times, recorded
 
 
 def main() -> int:
@@ -71,7 +75,8 @@ def main() -> int:
         ]
         measure, unit = count_cuda_syncs, "CUDA syncs"
     else:
-        preset, shape = "tiny", ["train.device=cpu"]
+        preset = "tiny"
+        shape = ["train.device=cpu", "probes.layers.every=5", "probes.precision.detail_every=5"]
         args.steps, args.warmup = min(args.steps, 10), min(args.warmup, 5)
         measure, unit = count_host_reads, "host reads (CPU: no sync debug mode)"
         print("no CUDA: reduced mode on the CPU (tiny preset, host reads counted)")
@@ -80,11 +85,12 @@ def main() -> int:
         trainer = make_trainer(preset, [*shape, *extra])
         for _ in range(args.warmup):
             trainer.step_once()
-        counts, times = measure(trainer, args.steps)
+        counts, times, recorded = measure(trainer, args.steps)
         report[name] = {
             "per_step": statistics.mean(counts),
             "max": max(counts),
             "step_seconds": statistics.median(times),
+            "values_per_step_max": max(recorded),
         }
         print(
             f"{name:11s} {unit}/step: mean {report[name]['per_step']:.2f}, "

@@ -48,24 +48,24 @@ def measure(shape: list[str], repeats: int, rollbacks: int) -> dict[str, float]:
         elapsed = time.perf_counter() - start
         if trainer.decision.action != Action.ROLLBACK:
             step_times.append(elapsed)
-            if trainer.state.step % trainer.cfg.checkpoint.every == 0:
+            if trainer.branch.step % trainer.cfg.checkpoint.every == 0:
                 trainer.save_checkpoint()
                 trainer.finish_checkpoints()
             continue
-        rollback_times.append(trainer.run.rollbacks[-1]["seconds"])
+        rollback_times.append(trainer.history.rollbacks[-1].seconds)
         ckpt = next(
-            c for c in list_checkpoints(trainer.checkpointer.root) if c.step == trainer.state.step
+            c for c in list_checkpoints(trainer.checkpointer.root) if c.step == trainer.branch.step
         )
         t0 = time.perf_counter()
         trainer.step_once()  # the first resumed step
         first_steps.append(time.perf_counter() - t0)
-        position, state = trainer.sampler.position, trainer.state
+        position, branch = trainer.sampler.position, trainer.branch
         for _ in range(repeats):
             t0 = time.perf_counter()
             trainer.checkpointer.load(trainer.engine, ckpt)
             load_times.append(time.perf_counter() - t0)
         trainer.restore(ckpt)  # back where the run was, then on
-        trainer.sampler.position, trainer.state = position, state
+        trainer.sampler.position, trainer.branch = position, branch
         trainer.step_once()
     rollback = statistics.median(rollback_times)
     load = statistics.median(load_times)

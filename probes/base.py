@@ -6,8 +6,16 @@ of a step's tensors and copies them to the host once. Probes never call ``.item(
 ``float(tensor)`` or ``.cpu()`` themselves, and never change the model, optimizer or data.
 
 A **detector** reads the step's host values after that one transfer and turns them into
-:class:`Verdict` objects (a spike, an overflow, a layer out of band); the policy turns
-verdicts into actions. Detectors may also report host-side metrics (counters, scores).
+:class:`Verdict` objects (a spike, an overflow, a layer out of band), each naming its
+:class:`~yoto.events.Reason` (the class the policy maps to an action; ``None`` for a
+verdict that is only news); the policy turns verdicts into actions. Detectors may also
+report host-side metrics (counters, scores).
+
+What a probe yields (:data:`StepOutput`): a :class:`Sample` (a value for the step's row), a
+:class:`Verdict` (a probe may judge too: a layer's spectrum out of band) or a
+:class:`Record` (rows for a long table, e.g. spectra). A probe with model hooks implements
+:class:`Attaches` (and :class:`Guarded` when its hooks run through a :class:`HookGuard`);
+one with work in flight at the end of a run implements :class:`Finishes`.
 
 Both keep their windows/EMAs in ``state_dict`` so they survive checkpoints and rollbacks.
 """
@@ -20,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from yoto.events import EventKind, Severity
+from yoto.events import EventKind, Reason, Severity
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +46,7 @@ class Verdict:
     onset: int  # the first step of the anomaly (== step for a one-step event)
     message: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    reason: Reason | None = None  # the class the policy acts on; None: news, no action
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +57,9 @@ class Record:
     table: str
     step: int  # the step the rows describe (may be earlier than the step that emits them)
     rows: list[dict[str, Any]]
+
+
+StepOutput = Sample | Verdict | Record  # what a probe's on_step (and finish) may yield
 
 
 @dataclass
@@ -80,9 +92,12 @@ class Probe(Protocol):
     name: str
     every: int  # cadence in optimizer steps
 
-    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]: ...
+    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]:
+        """After each backward of a probe step (device tensors; no host reads)."""
 
-    def on_step(self, ctx: StepContext) -> Iterable[Sample]: ...
+    def on_step(self, ctx: StepContext) -> Iterable[StepOutput]:
+        """After the optimizer step of a probe step: samples, and any verdicts or records
+        the probe has (a background analysis may hand in a late one)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -100,6 +115,22 @@ class Attaches(Protocol):
     def detach(self) -> None: ...
 
     def active(self, step: int) -> None: ...
+
+
+@runtime_checkable
+class Guarded(Protocol):
+    """Optional: a probe whose hooks run through a :class:`HookGuard`; the runner takes the
+    guard's error after each step and reports it as the probe's failure."""
+
+    guard: HookGuard
+
+
+@runtime_checkable
+class Finishes(Protocol):
+    """Optional: a probe with work in flight (a background analysis) hands it in at the end
+    of a run, waiting at most ``timeout`` seconds (None: as long as it takes)."""
+
+    def finish(self, timeout: float | None) -> Iterable[StepOutput]: ...
 
 
 class Detector(Protocol):

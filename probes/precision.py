@@ -41,7 +41,7 @@ from torch import nn
 
 from yoto import catalog
 from yoto.config import PrecisionConfig
-from yoto.events import EventKind, Severity
+from yoto.events import EventKind, Reason, Severity
 
 from .base import HookGuard, MicroStepContext, Sample, StepContext, Verdict
 
@@ -243,6 +243,7 @@ class OverflowDetector:
                     step - run + 1,
                     f"{what}; {run} overflow step(s) in a row",
                     {"overflow_steps_total": total, "consecutive": run, "loss_scale": scale},
+                    Reason.OVERFLOW,
                 )
             )
             self.seen = total
@@ -258,6 +259,7 @@ class OverflowDetector:
                     "fp16 loss scale is at DeepSpeed's minimum: another overflow stops the run "
                     "(consider bf16)",
                     {"loss_scale": values.get(catalog.LOSS_SCALE.name), "at_minimum": True},
+                    Reason.LOSS_SCALE_MIN,
                 )
             )
         self.at_minimum = at_min

@@ -17,23 +17,25 @@ from typing import Any
 import torch
 
 from yoto import catalog
-from yoto.events import EventKind, Severity
+from yoto.events import EventKind, Reason, Severity
 
 from .base import (
     Attaches,
     Detector,
+    Finishes,
+    Guarded,
     MicroStepContext,
     Probe,
     Record,
     Sample,
     StepContext,
+    StepOutput,
     Verdict,
 )
 
 
 def _take_hook_error(probe: Probe) -> BaseException | None:
-    guard = getattr(probe, "guard", None)
-    return guard.take() if guard is not None else None
+    return probe.guard.take() if isinstance(probe, Guarded) else None
 
 
 class ProbeRunner:
@@ -119,7 +121,7 @@ class ProbeRunner:
             if error is not None and probe.name not in self.disabled:
                 self._failed(probe, error)
 
-    def _collect(self, probe: Probe, items: Iterable[Sample | Verdict | Record]) -> None:
+    def _collect(self, probe: Probe, items: Iterable[StepOutput]) -> None:
         items = list(items)  # a generator raising half-way drops all of its samples
         self.extend(i for i in items if isinstance(i, Sample))
         self._verdicts.extend(i for i in items if isinstance(i, Verdict))
@@ -128,9 +130,8 @@ class ProbeRunner:
     def finish(self, timeout: float | None) -> None:
         """End of a run: probes with work in flight (spectra) may hand it in now."""
         for probe in self.probes:
-            finish = getattr(probe, "finish", None)
-            if finish is not None and probe.name not in self.disabled:
-                self._guarded(probe, lambda p=probe, f=finish: self._collect(p, f(timeout)))
+            if isinstance(probe, Finishes) and probe.name not in self.disabled:
+                self._guarded(probe, lambda p=probe: self._collect(p, p.finish(timeout)))
 
     def take_records(self) -> list[Record]:
         records, self._records = self._records, []
@@ -163,6 +164,7 @@ class ProbeRunner:
                 f"probe {probe.name} failed ({what})"
                 + (f"; disabled after {count} failures in a row" if off else "; the step goes on"),
                 {"probe": probe.name, "error": what, "failures": count, "disabled": off},
+                Reason.PROBE_FAILURE,
             )
         )
 

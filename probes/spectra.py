@@ -42,9 +42,9 @@ from torch import nn
 
 from yoto import catalog
 from yoto.config import SpectraConfig
-from yoto.events import EventKind, Severity
+from yoto.events import EventKind, Reason, Severity
 
-from .base import MicroStepContext, Record, Sample, StepContext, Verdict
+from .base import MicroStepContext, Record, Sample, StepContext, StepOutput, Verdict
 
 TABLE = "spectra"
 COLUMNS = {  # spectra/ column -> gauge
@@ -164,10 +164,10 @@ class SpectraProbe:
     def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]:
         return ()
 
-    def on_step(self, ctx: StepContext) -> Iterable[Sample | Verdict | Record]:
+    def on_step(self, ctx: StepContext) -> Iterable[StepOutput]:
         """Called every step (the runner's cadence is 1): collects a finished analysis,
         and on multiples of ``every`` starts the next one."""
-        out: list[Sample | Verdict | Record] = list(self._collect(wait=None))
+        out: list[StepOutput] = list(self._collect(wait=None))
         if self._model is None or ctx.step % self.cfg.every:
             return out
         if self._job is not None:
@@ -189,11 +189,11 @@ class SpectraProbe:
         out.append(Sample(catalog.SPECTRA_SKIPPED.name, float(self.skipped)))
         return out
 
-    def finish(self, timeout: float | None) -> Iterable[Sample | Verdict | Record]:
+    def finish(self, timeout: float | None) -> Iterable[StepOutput]:
         """At the end of a run: wait (up to ``timeout`` s) for an analysis in flight."""
         return self._collect(wait=timeout)
 
-    def _collect(self, wait: float | None) -> list[Sample | Verdict | Record]:
+    def _collect(self, wait: float | None) -> list[StepOutput]:
         if self._job is None:
             return []
         step, started, future = self._job
@@ -206,7 +206,7 @@ class SpectraProbe:
         finally:
             if future.done():
                 self._job = None
-        out: list[Sample | Verdict | Record] = [Record(TABLE, step, rows)]
+        out: list[StepOutput] = [Record(TABLE, step, rows)]
         for row in rows:
             label = {"layer": row["layer"]}
             for column, metric in COLUMNS.items():
@@ -244,6 +244,7 @@ class SpectraProbe:
                     f"{layer}: alpha {alpha:.2f} is {side} the "
                     f"[{low:g}, {high:g}] band at step {step}{note}",
                     {**data, "in_band": False},
+                    Reason.SPECTRA,
                 )
             ]
         if was_out and not out:

@@ -36,7 +36,7 @@ from typing import Any
 
 from yoto import catalog
 from yoto.config import SeriesSpikeConfig, SpikesConfig
-from yoto.events import EventKind, Severity
+from yoto.events import EventKind, Reason, Severity
 
 from .base import Sample, Verdict
 
@@ -223,7 +223,7 @@ class SeriesWatch:
             if self.nonfinite_since is None:
                 self.nonfinite_since = step
                 verdicts.append(
-                    self._verdict(step, step, "nonfinite", value, None, Severity.CRITICAL)
+                    self._verdict(step, step, "nonfinite", value, None, Reason.NONFINITE)
                 )
         else:
             now = False
@@ -235,7 +235,7 @@ class SeriesWatch:
                 if fire:
                     verdicts.append(
                         self._verdict(
-                            step, rule.run_start or step, rule.name, value, limit, Severity.WARNING
+                            step, rule.run_start or step, rule.name, value, limit, Reason.SPIKE
                         )
                     )
         if now and not self.in_spike:
@@ -258,6 +258,7 @@ class SeriesWatch:
                         "onset": self.episode_start,
                         "persistent": True,
                     },
+                    Reason.PERSISTENT_SPIKE,
                 )
             )
         self.in_spike = now
@@ -270,12 +271,12 @@ class SeriesWatch:
         rule: str,
         value: float,
         limit: float | None,
-        severity: Severity,
+        reason: Reason,
     ) -> Verdict:
         bound = "" if limit is None else f" (limit {limit:.4g})"
         return Verdict(
             EventKind.SPIKE,
-            severity,
+            Severity.CRITICAL if reason == Reason.NONFINITE else Severity.WARNING,
             step,
             onset,
             f"{self.label} spike from step {onset}: {value:.4g}{bound}, rule {rule}",
@@ -287,6 +288,7 @@ class SeriesWatch:
                 "limit": limit,
                 "onset": onset,
             },
+            reason,
         )
 
     def state(self) -> dict[str, Any]:

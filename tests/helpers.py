@@ -64,14 +64,10 @@ def make_trainer(root: Path, *overrides: str, probes=(), preset: str = "tiny"):
     """An in-process Trainer over a fresh run directory, for tests that need to reach
     inside a real DeepSpeed run (register a hook, add a probe). Returns (trainer, store)."""
     from yoto.config import load_config
-    from yoto.events import Sinks
-    from yoto.runstore import RunStore
-    from yoto.trainer.run import assemble, prepare
+    from yoto.trainer import run
 
     cfg = load_config(preset=preset, overrides=[*FAST, *overrides])
-    prepared = prepare(cfg)
-    store = RunStore.create(root, "t", cfg.to_yaml())
-    return assemble(cfg, prepared, store.path, Sinks(durable=store), tuple(probes)), store
+    return run.make_trainer(cfg, root, "t", tuple(probes))
 
 
 def torchrun(nproc: int = 2) -> list[str]:

@@ -53,14 +53,6 @@ class SourceSplit:
 class Corpus:
     sources: dict[str, SourceSplit] = field(default_factory=dict)
 
-    def describe(self) -> str:
-        parts = [
-            f"{s.name}: {len(s.train):,} train / {len(s.val):,} val tokens "
-            f"({s.train_docs} / {s.val_docs} docs)"
-            for s in self.sources.values()
-        ]
-        return "; ".join(parts)
-
     def token_counts(self) -> dict[str, dict[str, int]]:
         return {
             s.name: {"train_tokens": len(s.train), "val_tokens": len(s.val)}

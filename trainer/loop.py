@@ -1,36 +1,43 @@
 """The training loop.
 
 One optimizer step (``Trainer.step_once``), in order, and where each hook fires (DESIGN.md
-"One step")::
+"One step"). ``train_step`` is the first block, in four phases, one method each::
 
-    bs = batch.size(step, tokens, B_noise)  warmup ramp / adaptive -> engine.set_train_batch_size
-    faults.begin_step(step)                 injected faults (tests, demos) fire here
-    lr = learning_rate(step) x factors      batch scaling, cooldown, injected LR spike
-    runner.begin_step(step)                 <- hook-based probes arm (or stay idle)
-    windows = sampler.next_global_batch(bs) deterministic, resumable, skippable
-    for micro in range(gas):
-        loss = engine(x, y)                 forward hooks (activations) on probe steps only
-        engine.backward(loss)               param hooks (micro-batch grad norms) on device
-        runner.on_micro_step(ctx)           <- micro-batch hook
-        engine.step()                       DeepSpeed applies the update at the boundary
-    runner.on_step(ctx)                     <- step hook: probes return device tensors
-    values = runner.flush()                 ONE device->host transfer for the step
-    evaluate (every eval.every steps)       per-source validation loss, its own flush
-    verdicts = runner.detect(values)        host-side detectors: spikes, overflow, ...
-    decision = agree(policy(verdicts))      one action, the same on every rank
-    sinks.write_step(values)                run directory (+ live exporters)
-    apply(decision)                         alert / rollback / LR cooldown / batch / halt
-    checkpoint (every checkpoint.every)     DeepSpeed save; COMPLETE sealed in background
+    set_batch_and_lr(step)
+      bs = batch.size(step, tokens, B_noise)  warmup ramp / adaptive -> engine.set_train_batch_size
+      faults.begin_step(step)                 injected faults (tests, demos) fire here
+      lr = learning_rate(step) x factors      batch scaling, cooldown, injected LR spike
+      runner.begin_step(step)                 <- hook-based probes arm (or stay idle)
+      windows = sampler.next_global_batch(bs) deterministic, resumable, skippable
+    forward_backward(work)
+      for micro in range(gas):
+          loss = engine(x, y)                 forward hooks (activations) on probe steps only
+          engine.backward(loss)               param hooks (micro-batch grad norms) on device
+          runner.on_micro_step(ctx)           <- micro-batch hook
+          engine.step()                       DeepSpeed applies the update at the boundary
+    reduce_and_count(work)                    mean loss + stop flag: one all-reduce; counters
+    emit_samples(work)                        the loop's numbers; runner.on_step(ctx) <- step hook
+    flush(work)                               ONE device->host transfer for the step
+    evaluate (every eval.every steps)         per-source validation loss, its own flush
+    verdicts = runner.detect(values)          host-side detectors: spikes, overflow, ...
+    decision = agree(policy(verdicts))        one action, the same on every rank
+    sinks.write_step(values)                  run directory (+ live exporters)
+    apply(decision)                           alert / rollback / LR cooldown / batch / halt
+    checkpoint (every checkpoint.every)       DeepSpeed save; COMPLETE sealed in background
 
 Every rank runs the same code; rank 0 alone writes through the sinks. Decisions that all
 ranks must share travel with collectives: the stop flag in a control tensor all-reduced
-with the loss, the policy's action broadcast from rank 0 (only when there are several).
+with the loss, the policy's action broadcast from rank 0 (only when there are several),
+a rollback's plan broadcast from rank 0.
+
+State comes in two kinds (trainer/history.py): ``Trainer.branch``, which a rollback
+restores from the checkpoint, and ``Trainer.history``, which survives it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -38,33 +45,46 @@ import torch
 
 from yoto import catalog
 from yoto.config import Config
-from yoto.events import Event, EventKind, Severity, Sinks
+from yoto.events import Event, EventKind, Reason, Rollback, Severity, Sinks
 from yoto.probes.base import MicroStepContext, Sample, StepContext, Verdict
 from yoto.probes.runner import ProbeRunner
+from yoto.runstore import list_checkpoints
 
 from . import distributed
 from . import engine as eng
+from . import rollback as rollbacks
 from .batch_control import BatchController
 from .checkpoint import CheckpointDir, Checkpointer
 from .distributed import DistInfo
 from .faults import FaultInjector
 from .flops import flops_per_token, mfu, peak_flops
+from .history import Branch, History
 from .policy import Action, Decision, Policy, agree
 from .progress import Progress
-from .rollback import RunState, find_good_checkpoint, rollback
 from .sampler import Sampler
 from .schedule import learning_rate
 
 
 @dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done on the surviving branch
-    tokens: int = 0  # training tokens consumed on it
-    attempt: int = 0  # +1 at each rollback or replaying resume
-    source_tokens: dict[str, int] = field(default_factory=dict)  # per data source
+class StepWork:
+    """One optimizer step in flight: what its phases hand each other."""
+
+    step: int  # the step being trained (1-based)
+    batch_size: int  # global batch, sequences
+    lr: float
+    position: int  # the sampler's position before this step's batch
+    windows: np.ndarray  # the global batch's window starts
+    started: float  # perf_counter at the start of the step
+    n_micro: int = 0  # micro-batches per rank
+    loss: torch.Tensor | None = None  # mean over the global batch, on device
+    grad_norm: torch.Tensor | float | None = None  # global, before clipping; None: skipped
 
 
 class Trainer:
+    """One run's training on this rank. ``branch`` is the current line of training (a
+    rollback or resume restores it from a checkpoint); ``history`` is the run's own record,
+    which no rollback touches (trainer/history.py)."""
+
     def __init__(
         self,
         cfg: Config,
@@ -84,14 +104,14 @@ class Trainer:
         self.sinks = sinks
         self.checkpointer = checkpointer
         self.runner = runner or ProbeRunner()
-        self.state = TrainState()
+        self.branch = Branch()  # rolled back with the checkpoint
+        self.history = History()  # survives rollbacks
         self.stop_requested = False  # set by a signal handler; agreed by all ranks
         self.own_clipping = eng.own_clipping(cfg)
         self.fp16 = cfg.train.precision == "fp16"
         self.batch = BatchController(cfg.train, info.world)
         self.policy = Policy(cfg.policy)
         self.faults = FaultInjector(cfg.faults, info.rank, cfg.train.precision)
-        self.run = RunState()  # the run's own state: survives rollbacks
         self._last_saved_step = -1
         self.verdicts: list[Verdict] = []  # of the last step
         self.decision = Decision(Action.NONE)  # of the last step
@@ -110,197 +130,91 @@ class Trainer:
         **data: Any,
     ) -> None:
         if self.info.is_main:
-            at = self.state.step if step is None else step
-            self.sinks.write_event(Event(at, self.state.attempt, kind, severity, message, data))
+            at = self.branch.step if step is None else step
+            self.sinks.write_event(Event(at, self.branch.attempt, kind, severity, message, data))
 
     # --- the loop ---------------------------------------------------------------------------
 
     def fit(self, progress: Progress | None = None) -> str:
         """Train until train.steps or an agreed stop. Returns the run status."""
         cfg = self.cfg
-        progress = progress or Progress(cfg.train.steps, self.state.step, enabled=False)
+        progress = progress or Progress(cfg.train.steps, self.branch.step, enabled=False)
         status = "finished"
         self._start_batch_schedule()
-        while self.state.step < cfg.train.steps:
+        while self.branch.step < cfg.train.steps:
             values, stop = self.step_once()
-            if self.run.halted:
+            if self.history.halted:
                 status = "halted"
                 break
             if self.info.is_main:
                 progress.update(
-                    self.state.step,
+                    self.branch.step,
                     values[catalog.TRAIN_LOSS.name],
                     values[catalog.THROUGHPUT.name],
                 )
                 self._report_eval(progress, values)
             self._collect_checkpoints()
             every = cfg.checkpoint.every
-            if every and self.state.step % every == 0 and self.state.step < cfg.train.steps:
+            if every and self.branch.step % every == 0 and self.branch.step < cfg.train.steps:
                 self.save_checkpoint()
             if stop:
                 status = "interrupted"
                 break
-        if status != "halted" and self._last_saved_step != self.state.step:
+        if status != "halted" and self._last_saved_step != self.branch.step:
             self.save_checkpoint()  # a halted run keeps its last good checkpoint instead
         self.finish_checkpoints()
         return status
 
     def step_once(self) -> tuple[dict[str, float], bool]:
         """One optimizer step end to end: train, validate when due, hand in work still in
-        flight at the end, run the detectors, record. Returns the step's values and
+        flight at the end, run the detectors, record, act. Returns the step's values and
         whether all ranks agreed to stop."""
         cfg = self.cfg
         values, stop = self.train_step()
-        last = self.state.step >= cfg.train.steps
-        if last or (cfg.eval.every and self.state.step % cfg.eval.every == 0):
+        last = self.branch.step >= cfg.train.steps
+        if last or (cfg.eval.every and self.branch.step % cfg.eval.every == 0):
             values.update(self.evaluate())
         if last or stop:  # work still in flight (spectra) is handed in with the last row
             self.runner.finish(0.0 if stop else cfg.probes.spectra.end_timeout_seconds)
             values.update(self.runner.flush()[0])
-        step = self.state.step
+        step = self.branch.step
         self.verdicts = self.runner.detect(step, values)
         self.b_noise = values.get(catalog.GRADIENT_NOISE_SCALE.name, self.b_noise)
-        self.run.observe(step, self.verdicts)
+        self.history.observe(step, self.verdicts)
         self.decision = agree(
-            self.policy.decide(step, self.verdicts, self.run.rollbacks),
+            self.policy.decide(step, self.verdicts, self.history.rollbacks),
             self.info.world,
             self.info.device,
         )
         self._record(self.verdicts)
         values.update(self._intervention_values())
-        self.sinks.write_step(self.state.attempt, step, values)
+        self.sinks.write_step(self.branch.attempt, step, values)
         self.apply(self.decision)
         return values, stop
 
-    def _intervention_values(self) -> dict[str, float]:
-        run = self.run
-        return {
-            catalog.ROLLBACKS.name: float(
-                len(run.rollbacks) + (self.decision.action == Action.ROLLBACK)
-            ),
-            catalog.SKIPPED_BATCHES.name: float(run.skipped_batches),
-            catalog.BATCH_SIZE_CHANGES.name: float(run.batch_size_changes),
-            catalog.FAULTS_INJECTED.name: float(run.faults_injected),
-            catalog.HALTED.name: float(self.decision.action == Action.HALT),
-        }
-
-    # --- interventions --------------------------------------------------------------------
-
-    def apply(self, decision: Decision) -> None:
-        """Carry out the step's agreed decision (every rank does the same)."""
-        action, step = decision.action, self.state.step
-        if action >= Action.ALERT:
-            self.event(
-                EventKind.ALERT,
-                Severity.WARNING if action < Action.ROLLBACK else Severity.CRITICAL,
-                f"{decision.reason} at step {decision.onset}: {decision.message}; "
-                f"action: {action.name.lower()}",
-                action=action.name.lower(),
-                reason=decision.reason,
-                onset=decision.onset,
-            )
-        if action == Action.ROLLBACK and not rollback(self, decision):
-            decision = Decision(
-                Action.HALT,
-                "no_checkpoint",
-                decision.onset,
-                decision.message,
-                "no good checkpoint precedes the onset by "
-                f"{self.cfg.policy.rollback.min_distance} steps",
-            )
-            action = Action.HALT
-        if action == Action.HALT:
-            self.run.halted = True
-            self.event(
-                EventKind.HALT,
-                Severity.CRITICAL,
-                f"run halted at step {step}: {decision.reason}. {decision.advice}",
-                reason=decision.reason,
-                advice=decision.advice,
-                onset=decision.onset,
-            )
-        elif action == Action.LR_COOLDOWN:
-            rb = self.cfg.policy.rollback
-            self.run.lr_scale = rb.lr_cooldown_factor if rb.lr_cooldown_factor < 1 else 0.5
-            self.run.lr_scale_until = step + max(1, rb.lr_cooldown_steps or 100)
-            self.event(
-                EventKind.LR_COOLDOWN,
-                Severity.WARNING,
-                f"LR x {self.run.lr_scale:g} until step {self.run.lr_scale_until}",
-                factor=self.run.lr_scale,
-                until=self.run.lr_scale_until,
-                reason=decision.reason,
-            )
-        elif action == Action.BATCH_SIZE:
-            self.batch.bump(2.0, step)
-
-    def _record(self, verdicts: list[Verdict]) -> None:
-        """Every verdict becomes an event (whatever the policy decided about it); records
-        (spectra rows) go to their tables."""
-        for v in verdicts:
-            self.event(v.kind, v.severity, v.message, step=v.step, **{**v.data, "onset": v.onset})
-        if self.info.is_main:
-            for record in self.runner.take_records():
-                attempt = self._attempt_of(record.step)
-                self.sinks.write_records(record.table, attempt, record.step, record.rows)
-        else:
-            self.runner.take_records()
-
-    def _attempt_of(self, step: int) -> int:
-        """The attempt that trained ``step``, for a late record (a spectra analysis handed
-        in steps after it was asked for, perhaps after a rollback): the current attempt
-        trained the steps since the last rollback's checkpoint; a step past where it is now
-        belongs to the branch that rollback abandoned; earlier steps, to earlier attempts."""
-        hi, attempt = self.state.step, self.state.attempt
-        for rb in reversed(self.run.rollbacks):
-            if step > rb["to_step"]:
-                return attempt if step <= hi else rb.get("from_attempt", rb["attempt"] - 1)
-            hi, attempt = rb["to_step"], rb.get("from_attempt", rb["attempt"] - 1)
-        return attempt
-
-    def _start_batch_schedule(self) -> None:
-        """Put the engine on the schedule's batch for the current position, silently; only
-        later changes are events."""
-        size, _ = self.batch.size(self.state.step + 1, self.state.tokens, self.b_noise)
-        if size != self.engine.train_batch_size():
-            self.engine.set_train_batch_size(size)
-        ramp = self.batch.ramp
-        if self.state.step == 0 and size != ramp.target:
-            self.event(
-                EventKind.BATCH_SIZE,
-                Severity.INFO,
-                f"batch warmup: {size} -> {ramp.target} sequences over {ramp.ramp_tokens:,} tokens",
-                previous=None,
-                new=size,
-                reason="warmup",
-                target=ramp.target,
-                ramp_tokens=ramp.ramp_tokens,
-            )
+    # --- one training step, in the order of the diagram above ------------------------------
 
     def train_step(self) -> tuple[dict[str, float], bool]:
-        cfg, engine, info, s = self.cfg, self.engine, self.info, self.state
+        """Train one optimizer step; returns its values (host floats, one transfer) and
+        whether all ranks agreed to stop."""
         started = time.perf_counter()
-        step = s.step + 1
-        batch_size, why = self.batch.size(step, s.tokens, self.b_noise)
+        work = self.set_batch_and_lr(self.branch.step + 1, started)
+        self.forward_backward(work)
+        control = self.reduce_and_count(work)
+        self.emit_samples(work)
+        return self.flush(work, control)
+
+    def set_batch_and_lr(self, step: int, started: float) -> StepWork:
+        """The step's global batch (schedule -> engine), injected faults, its LR, the
+        probes armed, and its data drawn."""
+        engine, branch = self.engine, self.branch
+        batch_size, why = self.batch.size(step, branch.tokens, self.b_noise)
         if batch_size != engine.train_batch_size():
-            previous = engine.train_batch_size()
-            engine.set_train_batch_size(batch_size)
-            self.run.batch_size_changes += 1
-            self.event(
-                EventKind.BATCH_SIZE,
-                Severity.INFO,
-                f"global batch {previous} -> {batch_size} sequences ({why})",
-                step=step,
-                previous=previous,
-                new=batch_size,
-                reason=why,
-                tokens=batch_size * cfg.model.seq_len,
-                b_noise=self.b_noise,
-            )
+            self._change_batch(step, batch_size, why)
         position = self.sampler.position
-        self.run.record_position(step, position)
+        self.history.record_position(step, position)
         for fault in self.faults.begin_step(step, engine.module, position, batch_size):
-            self.run.faults_injected += 1
+            self.history.faults_injected += 1
             self.event(
                 EventKind.FAULT_INJECTED,
                 Severity.WARNING,
@@ -314,38 +228,59 @@ class Trainer:
                 sampler_position=position,
             )
         lr = (
-            learning_rate(s.step, cfg.optim, cfg.train.steps)
+            learning_rate(branch.step, self.cfg.optim, self.cfg.train.steps)
             * self.batch.lr_factor()
-            * self.run.lr_factor(step)
+            * self.history.lr_factor(step)
             * self.faults.lr_factor()
         )
         eng.set_lr(engine, lr)
-
         self.runner.begin_step(step)
         windows = self.sampler.next_global_batch(batch_size)
-        n_micro = engine.gradient_accumulation_steps()
+        return StepWork(step, batch_size, lr, position, windows, started)
+
+    def _change_batch(self, step: int, batch_size: int, why: str) -> None:
+        previous = self.engine.train_batch_size()
+        self.engine.set_train_batch_size(batch_size)
+        self.history.batch_size_changes += 1
+        self.event(
+            EventKind.BATCH_SIZE,
+            Severity.INFO,
+            f"global batch {previous} -> {batch_size} sequences ({why})",
+            step=step,
+            previous=previous,
+            new=batch_size,
+            reason=why,
+            tokens=batch_size * self.cfg.model.seq_len,
+            b_noise=self.b_noise,
+        )
+
+    def forward_backward(self, work: StepWork) -> None:
+        """Accumulate this rank's micro-batches; DeepSpeed applies the update at the last
+        one. Leaves this rank's mean loss (on device) and the global grad norm in ``work``."""
+        cfg, engine, info, faults = self.cfg, self.engine, self.info, self.faults
+        work.n_micro = n_micro = engine.gradient_accumulation_steps()
         loss_sum = torch.zeros((), device=info.device)
         grad_norm: torch.Tensor | float | None = None
         for micro in range(n_micro):
             tokens = self.sampler.micro_batch(
-                windows, micro, info.rank, info.world, cfg.train.micro_batch_size
+                work.windows, micro, info.rank, info.world, cfg.train.micro_batch_size
             )
-            first = position + (micro * info.world + info.rank) * cfg.train.micro_batch_size
-            tokens = self.faults.corrupt(tokens, first).to(info.device, non_blocking=True)
+            first = work.position + (micro * info.world + info.rank) * cfg.train.micro_batch_size
+            tokens = faults.corrupt(tokens, first).to(info.device, non_blocking=True)
             # explicit: DeepSpeed's own micro-step counter goes out of phase when the
             # accumulation count changes (batch warmup)
             boundary = micro == n_micro - 1
             engine.set_gradient_accumulation_boundary(boundary)
-            prefix = self._prefix_lengths(step, micro, tokens.size(0))
+            prefix = self._prefix_lengths(work.step, micro, tokens.size(0))
             loss = engine(tokens[:, :-1], tokens[:, 1:], prefix)
-            loss = loss * self.faults.loss_factor() if self.faults.faults else loss
-            poison = self.faults.poison_grads(engine.module) if self.faults.faults else None
+            loss = loss * faults.loss_factor() if faults.faults else loss
+            poison = faults.poison_grads(engine.module) if faults.faults else None
             engine.backward(loss)
             if poison is not None:
                 poison.remove()
             loss_sum += loss.detach().float()
             self.runner.on_micro_step(
-                MicroStepContext(step, micro, n_micro, loss.detach(), tokens, engine)
+                MicroStepContext(work.step, micro, n_micro, loss.detach(), tokens, engine)
             )
             if boundary and self.own_clipping:
                 grad_norm = eng.clip_own(engine, cfg.optim.grad_clip)
@@ -354,62 +289,216 @@ class Trainer:
             grad_norm = eng.reported_grad_norm(engine)
         if self.fp16 and not engine.was_step_applied():
             grad_norm = None  # a skipped fp16 step's norm is inf by design, not a spike
+        work.loss, work.grad_norm = loss_sum / n_micro, grad_norm
 
-        loss_mean = loss_sum / n_micro
+    def reduce_and_count(self, work: StepWork) -> torch.Tensor | None:
+        """Mean loss over ranks and the stop flag in one collective (only with several
+        ranks; returns the reduced flags, still on device); then the branch's counters."""
+        info, branch, seq_len = self.info, self.branch, self.cfg.model.seq_len
         control = None
-        if info.world > 1:  # mean loss over ranks and the stop flag, in one collective
+        if info.world > 1:
             flags = torch.tensor([1.0 if self.stop_requested else 0.0], device=info.device)
-            buf = distributed.all_reduce_sum_(torch.cat([loss_mean.reshape(1), flags]))
-            loss_mean, control = buf[0] / info.world, buf[1:]
+            buf = distributed.all_reduce_sum_(torch.cat([work.loss.reshape(1), flags]))
+            work.loss, control = buf[0] / info.world, buf[1:]
+        branch.step += 1
+        branch.tokens += work.batch_size * seq_len
+        sources = self.sampler.sources
+        per_source = np.bincount(self.sampler.sources_of(work.windows), minlength=len(sources))
+        for name, count in zip(sources, map(int, per_source * seq_len), strict=True):
+            branch.source_tokens[name] = branch.source_tokens.get(name, 0) + count
+        return control
 
-        s.step += 1
-        s.tokens += batch_size * cfg.model.seq_len
-        per_source = (
-            np.bincount(self.sampler.sources_of(windows), minlength=len(self.sampler.sources))
-            * cfg.model.seq_len
-        )
-        for name, count in zip(self.sampler.sources, map(int, per_source), strict=True):
-            s.source_tokens[name] = s.source_tokens.get(name, 0) + count
-        runner = self.runner
-        runner.add(Sample(catalog.TRAIN_LOSS.name, loss_mean))
-        if grad_norm is not None:
-            runner.add(Sample(catalog.GRAD_NORM.name, grad_norm))
-        runner.add(Sample(catalog.LEARNING_RATE.name, lr))
-        runner.add(
-            Sample(catalog.BATCH_SIZE_TOKENS.name, engine.train_batch_size() * cfg.model.seq_len)
-        )
-        runner.add(Sample(catalog.STEPS.name, s.step))
-        runner.add(Sample(catalog.TOKENS.name, s.tokens))
-        runner.add(Sample(catalog.ATTEMPT.name, s.attempt))
+    def emit_samples(self, work: StepWork) -> None:
+        """The loop's own numbers, then the probes' step hook; all stay on device."""
+        cfg, runner, branch = self.cfg, self.runner, self.branch
+        runner.add(Sample(catalog.TRAIN_LOSS.name, work.loss))
+        if work.grad_norm is not None:
+            runner.add(Sample(catalog.GRAD_NORM.name, work.grad_norm))
+        runner.add(Sample(catalog.LEARNING_RATE.name, work.lr))
+        tokens_per_step = self.engine.train_batch_size() * cfg.model.seq_len
+        runner.add(Sample(catalog.BATCH_SIZE_TOKENS.name, tokens_per_step))
+        runner.add(Sample(catalog.STEPS.name, branch.step))
+        runner.add(Sample(catalog.TOKENS.name, branch.tokens))
+        runner.add(Sample(catalog.ATTEMPT.name, branch.attempt))
         runner.on_step(
             StepContext(
-                step=s.step,
-                attempt=s.attempt,
-                tokens_total=s.tokens,
-                batch_size=batch_size,
+                step=branch.step,
+                attempt=branch.attempt,
+                tokens_total=branch.tokens,
+                batch_size=work.batch_size,
                 micro_batch_size=cfg.train.micro_batch_size,
-                n_micro=n_micro,
-                world=info.world,
+                n_micro=work.n_micro,
+                world=self.info.world,
                 seq_len=cfg.model.seq_len,
-                loss=loss_mean,
-                grad_norm=grad_norm,
-                lr=lr,
-                engine=engine,
+                loss=work.loss,
+                grad_norm=work.grad_norm,
+                lr=work.lr,
+                engine=self.engine,
             )
         )
-        values, flags = runner.flush(control)
-        duration = time.perf_counter() - started
+
+    def flush(self, work: StepWork, control: torch.Tensor | None) -> tuple[dict[str, float], bool]:
+        """The step's one device-to-host transfer (samples and control flags together),
+        then the host-side numbers: duration, throughput, MFU, tokens per source."""
+        values, flags = self.runner.flush(control)
+        duration = time.perf_counter() - work.started
+        throughput = work.batch_size * self.cfg.model.seq_len / duration
         values[catalog.STEP_DURATION.name] = duration
-        values[catalog.THROUGHPUT.name] = batch_size * cfg.model.seq_len / duration
-        utilisation = mfu(
-            values[catalog.THROUGHPUT.name], self.flops_per_token, self.peak, info.world
-        )
+        values[catalog.THROUGHPUT.name] = throughput
+        utilisation = mfu(throughput, self.flops_per_token, self.peak, self.info.world)
         if utilisation is not None:
             values[catalog.MFU.name] = utilisation
-        for name, count in s.source_tokens.items():
+        for name, count in self.branch.source_tokens.items():
             values[catalog.SOURCE_TOKENS.key(source=name)] = float(count)
         stop = bool(flags[0]) if flags else self.stop_requested
         return values, stop
+
+    def _start_batch_schedule(self) -> None:
+        """Put the engine on the schedule's batch for the current position, silently; only
+        later changes are events."""
+        size, _ = self.batch.size(self.branch.step + 1, self.branch.tokens, self.b_noise)
+        if size != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(size)
+        ramp = self.batch.ramp
+        if self.branch.step == 0 and size != ramp.target:
+            self.event(
+                EventKind.BATCH_SIZE,
+                Severity.INFO,
+                f"batch warmup: {size} -> {ramp.target} sequences over {ramp.ramp_tokens:,} tokens",
+                previous=None,
+                new=size,
+                reason="warmup",
+                target=ramp.target,
+                ramp_tokens=ramp.ramp_tokens,
+            )
+
+    # --- records ----------------------------------------------------------------------------
+
+    def _record(self, verdicts: list[Verdict]) -> None:
+        """Every verdict becomes an event (whatever the policy decided about it); records
+        (spectra rows) go to their tables, under the attempt that trained their step."""
+        for v in verdicts:
+            self.event(v.kind, v.severity, v.message, step=v.step, **{**v.data, "onset": v.onset})
+        records = self.runner.take_records()
+        if self.info.is_main:
+            for record in records:
+                attempt = self.history.attempt_of(record.step, self.branch)
+                self.sinks.write_records(record.table, attempt, record.step, record.rows)
+
+    def _intervention_values(self) -> dict[str, float]:
+        history, action = self.history, self.decision.action
+        return {  # this step's rollback is counted in its own row (applied after it)
+            catalog.ROLLBACKS.name: float(len(history.rollbacks) + (action == Action.ROLLBACK)),
+            catalog.SKIPPED_BATCHES.name: float(history.skipped_batches),
+            catalog.BATCH_SIZE_CHANGES.name: float(history.batch_size_changes),
+            catalog.FAULTS_INJECTED.name: float(history.faults_injected),
+            catalog.HALTED.name: float(action == Action.HALT),
+        }
+
+    # --- interventions --------------------------------------------------------------------
+
+    def apply(self, decision: Decision) -> None:
+        """Carry out the step's agreed decision (every rank does the same)."""
+        action = decision.action
+        if action >= Action.ALERT:
+            self._alert(decision)
+        if action == Action.ROLLBACK and self.roll_back(decision) is None:
+            decision = Decision(
+                Action.HALT,
+                Reason.NO_CHECKPOINT,
+                decision.onset,
+                decision.message,
+                "no good checkpoint precedes the onset by "
+                f"{self.cfg.policy.rollback.min_distance} steps",
+            )
+            action = Action.HALT
+        if action == Action.HALT:
+            self._halt(decision)
+        elif action == Action.LR_COOLDOWN:
+            self._cool_lr(decision)
+        elif action == Action.BATCH_SIZE:
+            self.batch.bump(2.0, self.branch.step)
+
+    def _alert(self, decision: Decision) -> None:
+        action = decision.action
+        self.event(
+            EventKind.ALERT,
+            Severity.WARNING if action < Action.ROLLBACK else Severity.CRITICAL,
+            f"{decision.reason} at step {decision.onset}: {decision.message}; "
+            f"action: {action.name.lower()}",
+            action=action.name.lower(),
+            reason=decision.reason,
+            onset=decision.onset,
+        )
+
+    def _halt(self, decision: Decision) -> None:
+        self.history.halted = True
+        self.event(
+            EventKind.HALT,
+            Severity.CRITICAL,
+            f"run halted at step {self.branch.step}: {decision.reason}. {decision.advice}",
+            reason=decision.reason,
+            advice=decision.advice,
+            onset=decision.onset,
+        )
+
+    def _cool_lr(self, decision: Decision) -> None:
+        rb = self.cfg.policy.rollback
+        factor = rb.lr_cooldown_factor if rb.lr_cooldown_factor < 1 else 0.5
+        self.history.cool_lr(factor, self.branch.step + max(1, rb.lr_cooldown_steps or 100))
+        self.event(
+            EventKind.LR_COOLDOWN,
+            Severity.WARNING,
+            f"LR x {self.history.lr_scale:g} until step {self.history.lr_scale_until}",
+            factor=self.history.lr_scale,
+            until=self.history.lr_scale_until,
+            reason=decision.reason,
+        )
+
+    def roll_back(self, decision: Decision) -> Rollback | None:
+        """Roll back on every rank as rank 0 plans it (trainer/rollback.py); None when no
+        good checkpoint precedes the onset."""
+        started = time.perf_counter()
+        self.finish_checkpoints()  # a save of this branch may still be sealing
+        plan = None
+        if self.info.is_main and self.checkpointer is not None:
+            plan = rollbacks.plan(
+                history=self.history,
+                branch=self.branch,
+                checkpoints=list_checkpoints(self.checkpointer.root),
+                onset=decision.onset,
+                reason=decision.reason,
+                trigger=decision.message,
+                batch=self.engine.train_batch_size(),
+                position=self.sampler.position,
+                cfg=self.cfg,
+            )
+        plan = distributed.broadcast_object(plan)
+        if plan is None:
+            return None
+        self.restore(plan.checkpoint)  # model, optimizer, sampler, probes, branch
+        checkpoint_position = self.sampler.position
+        self.sampler.skip(max(0, plan.skip_to - checkpoint_position))
+        self.faults.rolled_back()
+        self.branch.attempt = plan.attempt  # rank 0's history numbered it
+        self.history.saw_attempt(plan.attempt)
+        if self.info.is_main:
+            rollbacks.hide_abandoned(plan)
+        distributed.barrier()
+        done = plan.record(checkpoint_position, seconds=time.perf_counter() - started)
+        self.history.record_rollback(done)
+        if plan.batch_factor > 1.0:
+            self.batch.bump(plan.batch_factor, done.to_step, reason="rollback")
+        self.event(
+            EventKind.ROLLBACK,
+            Severity.WARNING,
+            f"rolled back from step {done.from_step} to checkpoint {done.checkpoint} "
+            f"({done.reason} from step {done.onset}); skipped {done.skipped_batches} batches "
+            f"({done.skipped_sequences} sequences); attempt {done.attempt}",
+            step=done.from_step,
+            **done.to_data(),
+        )
+        return done
 
     def _prefix_lengths(
         self, step: int, micro: int, n: int, fixed: bool = False
@@ -460,19 +549,20 @@ class Trainer:
         }
         if val:
             parts = ", ".join(f"{src} {v:.4f}" for src, v in val.items())
-            progress.note(f"step {self.state.step}: val loss {parts}")
+            progress.note(f"step {self.branch.step}: val loss {parts}")
 
     # --- checkpoints ----------------------------------------------------------------------
 
     def client_state(self) -> dict[str, Any]:
         return {
             "yoto": {
-                "state": asdict(self.state),
+                # the branch: what a rollback or a resume restores
+                "branch": asdict(self.branch),
                 "sampler": self.sampler.state_dict(),
                 "probes": self.runner.state_dict(),
                 "batch_size": self.engine.train_batch_size(),
-                # the run's own state: read back on resume, never by a rollback
-                "run": self.run.state_dict(),
+                # the run's history: read back on resume, never by a rollback
+                "history": self.history.state_dict(),
                 "batch": self.batch.state_dict(),
                 "faults": self.faults.state_dict(),
             }
@@ -482,26 +572,35 @@ class Trainer:
         if self.checkpointer is None:
             return
         if self.info.is_main:  # pruning after this save must keep the newest good one
-            good = find_good_checkpoint(self, self.state.step)
+            good = rollbacks.good_checkpoint(
+                list_checkpoints(self.checkpointer.root),
+                self.history,
+                onset=self.branch.step,
+                now=self.branch.step,
+                cfg=self.cfg,
+            )
             self.checkpointer.protect = {good.step} if good is not None else set()
-        self.checkpointer.save(self.engine, self.state.step, self.client_state())
-        self._last_saved_step = self.state.step
+        self.checkpointer.save(self.engine, self.branch.step, self.client_state())
+        self._last_saved_step = self.branch.step
 
     def restore(self, ckpt: CheckpointDir, resume: bool = False) -> None:
-        """Load a checkpoint on every rank: model, optimizer, sampler, probes, counters.
-        On ``resume`` also the run's own state (rollback history, batch control, faults);
-        a rollback keeps the one it has."""
+        """Load a checkpoint on every rank: model, optimizer, sampler, probes, the branch.
+        On ``resume`` also the run's history, batch control and faults; a rollback keeps
+        the ones it has."""
         assert self.checkpointer is not None
         client = self.checkpointer.load(self.engine, ckpt).get("yoto", {})
-        self.state = TrainState(**client["state"])
+        self.branch = Branch(**client.get("branch", client.get("state")))  # state: older
         self.sampler.load_state_dict(client["sampler"])
         self.runner.load_state_dict(client.get("probes", {}))
         if resume:
-            for part, key in ((self.run, "run"), (self.batch, "batch"), (self.faults, "faults")):
+            history = client.get("history", client.get("run"))  # run: older checkpoints
+            if history is not None:
+                self.history.load_state_dict(history)
+            for part, key in ((self.batch, "batch"), (self.faults, "faults")):
                 if key in client:
                     part.load_state_dict(client[key])
-            self.run.max_attempt = max(self.run.max_attempt, self.state.attempt)
-        self._last_saved_step = self.state.step
+            self.history.saw_attempt(self.branch.attempt)
+        self._last_saved_step = self.branch.step
 
     def _collect_checkpoints(self) -> None:
         if self.checkpointer is None or not self.info.is_main:

@@ -57,7 +57,8 @@ def spectra_for_checkpoint(
     weights = {n: w.detach().numpy().copy() for n, w in weight_matrices(model).items()}
     rows = analyze(weights, cfg.probes.spectra.min_evals, cfg.probes.spectra.svd_method)
     if write:
-        attempt = int(client.get("state", {}).get("attempt", 0))
+        branch = client.get("branch", client.get("state", {}))  # "state": older checkpoints
+        attempt = int(branch.get("attempt", 0))
         runstore.append_records(run_dir, TABLE, attempt, step, rows)
     return rows
 

@@ -1,8 +1,9 @@
 """The policy: a step's verdicts -> one action, the most severe wins.
 
-Each verdict is classified (``nonfinite``, ``persistent_spike``, ``spike``,
-``loss_scale_min``, ``overflow``, ``spectra``, ``probe_failure``) and mapped to an action
-by the ``policy:`` config. Defaults: a non-finite loss or grad norm, or a spike that
+Each verdict carries its class, set by the detector that made it (:class:`Reason`:
+``nonfinite``, ``persistent_spike``, ``spike``, ``loss_scale_min``, ``overflow``,
+``spectra``, ``probe_failure``; none for a verdict that is only news), and the ``policy:``
+config maps each class to an action. Defaults: a non-finite loss or grad norm, or a spike that
 persists -> rollback; an isolated spike -> alert; the fp16 loss scale at its minimum ->
 rollback, and halt with advice to use bf16 if it happens again. A rollback asked for
 when ``max_rollbacks`` were already spent within ``window_steps`` becomes a halt.
@@ -14,14 +15,14 @@ broadcast (``agree``) so a rank-local verdict can never split the job.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
 
 import torch
 
 from yoto.config import PolicyConfig
-from yoto.events import EventKind, Severity
+from yoto.events import VERDICT_REASONS, Reason, Rollback
 from yoto.probes.base import Verdict
 
 from . import distributed
@@ -39,72 +40,51 @@ class Action(IntEnum):  # ordered by severity: the largest wins
 @dataclass
 class Decision:
     action: Action
-    reason: str = ""  # the class of the deciding verdict, or why the action changed
+    reason: Reason | None = None  # the class of the deciding verdict, or why it changed
     onset: int = 0
     message: str = ""
     advice: str = ""
-    verdicts: list[Verdict] = field(default_factory=list)
-
-    @property
-    def acts(self) -> bool:
-        return self.action > Action.ALERT
-
-
-def classify(v: Verdict) -> str | None:
-    data = v.data
-    if v.kind == EventKind.SPIKE:
-        if data.get("rule") == "nonfinite":
-            return "nonfinite"
-        return "persistent_spike" if data.get("persistent") else "spike"
-    if v.kind == EventKind.OVERFLOW:
-        return "loss_scale_min" if data.get("at_minimum") else "overflow"
-    if v.kind == EventKind.SPECTRA:
-        return "spectra" if v.severity != Severity.INFO or not data.get("in_band") else None
-    if v.kind == EventKind.PROBE and "error" in data:
-        return "probe_failure"
-    return None
+    verdicts: list[Verdict] = field(default_factory=list)  # those the policy acted on
 
 
 class Policy:
     def __init__(self, cfg: PolicyConfig) -> None:
         self.cfg = cfg
+        missing = [r for r in VERDICT_REASONS if not hasattr(cfg, r)]
+        assert not missing, f"policy config has no action for {missing}"
 
-    def decide(
-        self, step: int, verdicts: list[Verdict], recent_rollbacks: list[dict[str, Any]]
-    ) -> Decision:
+    def action_for(self, reason: Reason) -> Action:
+        return Action[str(getattr(self.cfg, reason)).upper()]
+
+    def decide(self, step: int, verdicts: list[Verdict], rollbacks: Sequence[Rollback]) -> Decision:
+        """The step's decision from its verdicts and the run's rollbacks so far."""
         if not self.cfg.enabled:
             return Decision(Action.NONE)
         best = Decision(Action.NONE)
-        for v in verdicts:
-            kind = classify(v)
-            if kind is None:
-                continue
-            action = Action[str(getattr(self.cfg, kind)).upper()]
+        judged = [v for v in verdicts if v.reason is not None]
+        for v in judged:
+            action = self.action_for(v.reason)
             if action > best.action or (action == best.action and v.onset < best.onset):
-                best = Decision(action, kind, v.onset, v.message)
-        best.verdicts = [v for v in verdicts if classify(v) is not None]
+                best = Decision(action, v.reason, v.onset, v.message)
+        best.verdicts = judged
         if best.action == Action.ROLLBACK:
-            if best.reason == "loss_scale_min" and any(
-                r.get("reason") == "loss_scale_min" for r in recent_rollbacks
+            if best.reason == Reason.LOSS_SCALE_MIN and any(
+                r.reason == Reason.LOSS_SCALE_MIN for r in rollbacks
             ):
                 return Decision(
                     Action.HALT,
-                    "loss_scale_min",
+                    Reason.LOSS_SCALE_MIN,
                     best.onset,
                     best.message,
                     "the fp16 loss scale hit its minimum again after a rollback: "
                     "train in bf16 (train.precision=bf16)",
                     best.verdicts,
                 )
-            window = [
-                r
-                for r in recent_rollbacks
-                if step - r["from_step"] < self.cfg.rollback.window_steps
-            ]
+            window = [r for r in rollbacks if step - r.from_step < self.cfg.rollback.window_steps]
             if len(window) >= self.cfg.rollback.max_rollbacks:
                 return Decision(
                     Action.HALT,
-                    "rollback_budget",
+                    Reason.ROLLBACK_BUDGET,
                     best.onset,
                     best.message,
                     f"{len(window)} rollbacks within "
@@ -124,4 +104,4 @@ def agree(decision: Decision, world: int, device: torch.device) -> Decision:
     action, onset = (int(x) for x in box.tolist())
     if action == int(decision.action) and onset == decision.onset:
         return decision
-    return Decision(Action(action), "rank 0", onset, "decided on rank 0")
+    return Decision(Action(action), Reason.RANK0, onset, "decided on rank 0")

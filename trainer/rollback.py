@@ -8,76 +8,135 @@ then moves the sampler past the data window between the checkpoint and the onset
 batches), optionally cools the LR down, and starts a new ``attempt``: the abandoned
 branch's rows stay in the run directory under the old one, its checkpoints are removed.
 
-:class:`RunState` is what survives a rollback (it is the run's, not the checkpoint's):
-the rollback history, the attempt counter, which steps were unhealthy, the LR cooldown and
-the sampler position before each recent step.
+This module only decides: :func:`plan` turns (history, checkpoints, decision) into a
+:class:`RollbackPlan`, which ``Trainer.roll_back`` carries out on every rank; the plan's
+:meth:`~RollbackPlan.record` is the :class:`~yoto.events.Rollback` the history keeps.
 """
 
 from __future__ import annotations
 
 import shutil
 import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from yoto.events import EventKind, Severity
-from yoto.probes.base import Verdict
-from yoto.runstore import CheckpointDir, list_checkpoints
+from yoto.config import Config
+from yoto.events import Reason, Rollback
+from yoto.runstore import CheckpointDir
 
-from . import distributed
 from .checkpoint import verify
-
-if TYPE_CHECKING:
-    from .loop import Trainer
-    from .policy import Decision
-
-_UNHEALTHY = {EventKind.SPIKE, EventKind.OVERFLOW}
-_POSITIONS_KEPT = 100_000
+from .history import Branch, History
 
 
-@dataclass
-class RunState:
-    rollbacks: list[dict[str, Any]] = field(default_factory=list)
-    max_attempt: int = 0
-    unhealthy: list[int] = field(default_factory=list)
-    lr_scale: float = 1.0
-    lr_scale_until: int = 0  # the cooldown applies to steps <= this
-    skipped_batches: int = 0
-    batch_size_changes: int = 0
-    faults_injected: int = 0
-    halted: bool = False
-    positions: dict[int, int] = field(default_factory=dict)  # step -> sampler position before
+def _intact(ckpt: CheckpointDir) -> bool:
+    # our own marker, written this run: sizes suffice here (resume re-hashes)
+    return verify(ckpt, check_hashes=False) is None
 
-    def record_position(self, step: int, position: int) -> None:
-        self.positions[step] = position
-        if len(self.positions) > _POSITIONS_KEPT:
-            del self.positions[next(iter(self.positions))]
 
-    def observe(self, step: int, verdicts: list[Verdict]) -> None:
-        if any(v.kind in _UNHEALTHY and v.severity != Severity.INFO for v in verdicts):
-            self.unhealthy.append(step)
-            del self.unhealthy[:-10_000]
+def good_checkpoint(
+    checkpoints: Sequence[CheckpointDir],
+    history: History,
+    *,
+    onset: int,
+    now: int,
+    cfg: Config,
+    intact: Callable[[CheckpointDir], bool] = _intact,
+) -> CheckpointDir | None:
+    """The newest intact checkpoint (of ``checkpoints``, oldest first) taken
+    ``min_distance`` steps before ``onset`` and followed by ``healthy_steps`` healthy
+    steps, at step ``now`` of the current branch."""
+    rb = cfg.policy.rollback
+    for ckpt in reversed(checkpoints):
+        if ckpt.step > onset - rb.min_distance or ckpt.step > now:
+            continue
+        if history.is_good(ckpt.step, now, rb.healthy_steps) and intact(ckpt):
+            return ckpt
+    return None
 
-    def lr_factor(self, step: int) -> float:
-        return self.lr_scale if step <= self.lr_scale_until else 1.0
 
-    def is_good(self, ckpt_step: int, now: int, healthy_steps: int) -> bool:
-        if now - ckpt_step < healthy_steps:
-            return False
-        return not any(ckpt_step < s <= ckpt_step + healthy_steps for s in self.unhealthy)
+@dataclass(frozen=True)
+class RollbackPlan:
+    """Where a rollback goes and what it changes; the same on every rank."""
 
-    def state_dict(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["positions"] = {}  # rebuilt from the resumed steps on
-        return state
+    checkpoint: CheckpointDir  # restore this
+    from_step: int  # the abandoned branch's step
+    from_attempt: int
+    attempt: int  # the new branch's attempt number
+    onset: int
+    reason: Reason
+    trigger: str  # the deciding verdict's message
+    onset_position: int  # the sampler's position before the onset step
+    skip_to: int  # the new branch's data starts at this position or later
+    batch: int  # sequences per step, for counting skipped batches
+    lr_cooldown: tuple[float, int] | None  # (factor, up to step) from the checkpoint on
+    batch_factor: float  # the global batch is raised by this after the rollback (1: kept)
+    abandoned: tuple[CheckpointDir, ...]  # the abandoned branch's checkpoints
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            if key in self.__dict__:
-                setattr(self, key, value)
-        self.positions = {}
+    def record(self, checkpoint_position: int, seconds: float) -> Rollback:
+        """What the rollback did, once the checkpoint's sampler position is known."""
+        resume = max(checkpoint_position, self.skip_to)
+        return Rollback(
+            from_step=self.from_step,
+            to_step=self.checkpoint.step,
+            onset=self.onset,
+            reason=self.reason,
+            from_attempt=self.from_attempt,
+            attempt=self.attempt,
+            checkpoint=self.checkpoint.tag,
+            skipped_batches=(resume - checkpoint_position) // max(1, self.batch),
+            skipped_sequences=resume - checkpoint_position,
+            sampler_position_checkpoint=checkpoint_position,
+            sampler_position_resume=resume,
+            onset_position=self.onset_position,
+            lr_cooldown=self.lr_cooldown,
+            trigger=self.trigger,
+            seconds=seconds,
+        )
+
+
+def plan(
+    *,
+    history: History,
+    branch: Branch,
+    checkpoints: Sequence[CheckpointDir],
+    onset: int,
+    reason: Reason,
+    trigger: str,
+    batch: int,
+    position: int,
+    cfg: Config,
+    intact: Callable[[CheckpointDir], bool] = _intact,
+) -> RollbackPlan | None:
+    """The rollback for an anomaly from step ``onset``, at the current ``branch`` with the
+    sampler at ``position`` and ``batch`` sequences per step; None when no good
+    checkpoint precedes the onset."""
+    ckpt = good_checkpoint(
+        checkpoints, history, onset=onset, now=branch.step, cfg=cfg, intact=intact
+    )
+    if ckpt is None:
+        return None
+    rb = cfg.policy.rollback
+    onset_position = history.positions.get(onset, position)
+    return RollbackPlan(
+        checkpoint=ckpt,
+        from_step=branch.step,
+        from_attempt=branch.attempt,
+        attempt=history.max_attempt + 1,
+        onset=onset,
+        reason=reason,
+        trigger=trigger,
+        onset_position=onset_position,
+        skip_to=onset_position + rb.skip_margin * batch,
+        batch=batch,
+        lr_cooldown=(
+            (rb.lr_cooldown_factor, ckpt.step + rb.lr_cooldown_steps)
+            if rb.lr_cooldown_steps
+            else None
+        ),
+        batch_factor=cfg.train.adaptive_batch.after_rollback,
+        abandoned=tuple(c for c in checkpoints if c.step > ckpt.step),
+    )
 
 
 def _remove(paths: list[Path]) -> None:
@@ -85,94 +144,13 @@ def _remove(paths: list[Path]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def find_good_checkpoint(trainer: Trainer, onset: int) -> CheckpointDir | None:
-    """The newest complete checkpoint taken ``min_distance`` before ``onset`` and followed
-    by ``healthy_steps`` healthy steps, as this rank sees the checkpoint folder."""
-    cfg = trainer.cfg.policy.rollback
-    if trainer.checkpointer is None:
-        return None
-    for ckpt in reversed(list_checkpoints(trainer.checkpointer.root)):
-        if ckpt.step > onset - cfg.min_distance or ckpt.step > trainer.state.step:
-            continue
-        if not trainer.run.is_good(ckpt.step, trainer.state.step, cfg.healthy_steps):
-            continue
-        # our own marker, written this run: sizes suffice here (resume re-hashes)
-        if verify(ckpt, check_hashes=False) is None:
-            return ckpt
-    return None
-
-
-def good_checkpoint(trainer: Trainer, onset: int) -> CheckpointDir | None:
-    """:func:`find_good_checkpoint` decided on rank 0, the answer given to every rank."""
-    chosen = find_good_checkpoint(trainer, onset) if trainer.info.is_main else None
-    return distributed.broadcast_object(chosen)
-
-
-def rollback(trainer: Trainer, decision: Decision) -> bool:
-    """Roll back on every rank; False when there is no good checkpoint to go to."""
-    cfg = trainer.cfg.policy.rollback
-    run, sampler = trainer.run, trainer.sampler
-    started = time.perf_counter()
-    if trainer.checkpointer is not None:
-        trainer.checkpointer.wait()  # a save of this branch may still be sealing
-        trainer._collect_checkpoints()
-    ckpt = good_checkpoint(trainer, decision.onset)
-    if ckpt is None:
-        return False
-    from_step, batch = trainer.state.step, trainer.engine.train_batch_size()
-    onset_position = run.positions.get(decision.onset, sampler.position)
-    trainer.restore(ckpt)  # model, optimizer, sampler, probes, step/tokens
-    resumed_at = sampler.position
-    target = max(resumed_at, onset_position + cfg.skip_margin * batch)
-    sampler.skip(target - resumed_at)
-    skipped = (target - resumed_at) // max(1, batch)
-    trainer.faults.rolled_back()
-    abandoned = trainer.state.attempt
-    run.max_attempt += 1
-    trainer.state.attempt = run.max_attempt
-    run.skipped_batches += skipped
-    run.unhealthy = [s for s in run.unhealthy if s <= ckpt.step]
-    if cfg.lr_cooldown_steps:
-        run.lr_scale = cfg.lr_cooldown_factor
-        run.lr_scale_until = ckpt.step + cfg.lr_cooldown_steps
-    factor = trainer.cfg.train.adaptive_batch.after_rollback
-    if factor > 1.0:
-        trainer.batch.bump(factor, ckpt.step, reason="rollback")
-    record = {
-        "from_step": from_step,
-        "to_step": ckpt.step,
-        "onset": decision.onset,
-        "reason": decision.reason,
-        "attempt": run.max_attempt,
-        "from_attempt": abandoned,
-    }
-    run.rollbacks.append(record)
-    if trainer.info.is_main:  # the abandoned branch's checkpoints: out of sight at once
-        doomed = []
-        for other in list_checkpoints(trainer.checkpointer.root):
-            if other.step > ckpt.step:
-                hidden = other.path.with_name(f".abandoned-{other.path.name}-a{run.max_attempt}")
-                other.path.rename(hidden)
-                doomed.append(hidden)
-        if doomed:  # and deleted off the training path
-            threading.Thread(target=_remove, args=(doomed,), daemon=True).start()
-    distributed.barrier()
-    record["seconds"] = time.perf_counter() - started  # decision to ready-to-train
-    trainer.event(
-        EventKind.ROLLBACK,
-        Severity.WARNING,
-        f"rolled back from step {from_step} to checkpoint {ckpt.tag} ({decision.reason} "
-        f"from step {decision.onset}); skipped {skipped} batches "
-        f"({target - resumed_at} sequences); attempt {run.max_attempt}",
-        step=from_step,
-        **record,
-        checkpoint=ckpt.tag,
-        skipped_batches=skipped,
-        skipped_sequences=target - resumed_at,
-        sampler_position_checkpoint=resumed_at,
-        sampler_position_resume=target,
-        onset_position=onset_position,
-        lr_cooldown=[run.lr_scale, run.lr_scale_until] if cfg.lr_cooldown_steps else None,
-        trigger=decision.message,
-    )
-    return True
+def hide_abandoned(rollback_plan: RollbackPlan) -> None:
+    """The abandoned branch's checkpoints: out of sight at once (renamed, so no resume or
+    later rollback can pick them), deleted off the training path. Rank 0 only."""
+    doomed = []
+    for other in rollback_plan.abandoned:
+        hidden = other.path.with_name(f".abandoned-{other.path.name}-a{rollback_plan.attempt}")
+        other.path.rename(hidden)
+        doomed.append(hidden)
+    if doomed:
+        threading.Thread(target=_remove, args=(doomed,), daemon=True).start()

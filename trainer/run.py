@@ -15,7 +15,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,7 +23,6 @@ from yoto import runstore
 from yoto.config import Config
 from yoto.errors import ConfigError, YotoError
 from yoto.events import Event, EventKind, LiveSink, Severity, Sinks
-from yoto.probes.runner import ProbeRunner
 from yoto.probes.suite import build_runner
 from yoto.runstore import RunStore
 
@@ -32,6 +31,7 @@ from . import engine as eng
 from .checkpoint import CheckpointDir, Checkpointer, newest_valid
 from .corpus import Corpus, load_corpus
 from .faults import FaultInjector
+from .history import Branch
 from .loop import Trainer
 from .model import GPT
 from .progress import Progress
@@ -48,9 +48,17 @@ def vocab_size(cfg: Config) -> int:
     return size
 
 
-def prepare(
-    cfg: Config,
-) -> tuple[distributed.DistInfo, Corpus, Sampler, dict[str, list[torch.Tensor]], GPT]:
+class Prepared(NamedTuple):
+    """What :func:`prepare` made: everything a run needs before its run directory."""
+
+    info: distributed.DistInfo
+    corpus: Corpus
+    sampler: Sampler
+    val: dict[str, list[torch.Tensor]]  # source -> this rank's validation batches
+    model: GPT
+
+
+def prepare(cfg: Config) -> Prepared:
     """Everything before the run directory: checks, process group, data, model."""
     device = distributed.choose_device(cfg.train.device)
     eng.check_precision(cfg, device)
@@ -73,24 +81,36 @@ def prepare(
     }
     FaultInjector(cfg.faults, info.rank, cfg.train.precision)  # bad --inject specs fail now
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    return info, corpus, sampler, val, GPT(cfg.model, vocab)
+    return Prepared(info, corpus, sampler, val, GPT(cfg.model, vocab))
 
 
 def assemble(
-    cfg: Config, prepared: tuple, run_dir: Path, sinks: Sinks, probes: tuple = ()
+    cfg: Config, prepared: Prepared, run_dir: Path, sinks: Sinks, probes: tuple = ()
 ) -> Trainer:
     """The DeepSpeed engine, the probes (attached) and the checkpointer around a prepared
     model and data, as a Trainer writing to ``run_dir``. ``probes`` are added to the
     configured set (tests add failing ones)."""
-    info, _, sampler, val, model = prepared
-    engine = eng.build_engine(model, cfg, info)
+    engine = eng.build_engine(prepared.model, cfg, prepared.info)
     runner = build_runner(cfg)
     runner.probes.extend(probes)
     runner.attach(engine.module, engine)
     checkpointer = Checkpointer(
-        Path(run_dir) / runstore.CHECKPOINTS, cfg.checkpoint.keep_last, info.rank
+        Path(run_dir) / runstore.CHECKPOINTS, cfg.checkpoint.keep_last, prepared.info.rank
     )
-    return Trainer(cfg, engine, sampler, val, info, sinks, checkpointer, runner)
+    return Trainer(
+        cfg, engine, prepared.sampler, prepared.val, prepared.info, sinks, checkpointer, runner
+    )
+
+
+def make_trainer(
+    cfg: Config, run_root: str | Path, name: str = "run", probes: tuple = ()
+) -> tuple[Trainer, RunStore]:
+    """A Trainer over a new run directory, built as :func:`train` builds one but without
+    live sinks, signal handlers or a final record: for tests and benchmarks that step a
+    real run themselves (``trainer.step_once()``, ``trainer.fit()``) and close the store."""
+    prepared = prepare(cfg)
+    store = RunStore.create(run_root, name, cfg.to_yaml())
+    return assemble(cfg, prepared, store.path, Sinks(durable=store), probes), store
 
 
 def train(
@@ -107,94 +127,103 @@ def train(
     have passed their checks, before the run directory exists; they are bound to the run
     and closed with it. ``manifest_extra`` adds fields to the manifest (``yoto sweep``
     tags its runs this way)."""
-    info, corpus, sampler, val, model = prepare(cfg)
-    live_sinks = live() if live is not None and info.is_main else []  # binds the port now
-    try:
-        store = (
-            _open_store(cfg, info, run_root, name, resume, argv, model, corpus, manifest_extra)
-            if info.is_main
-            else None
-        )
-    except BaseException:
-        for sink in live_sinks:
-            sink.close("crashed")
-        raise
+    prepared = prepare(cfg)
+    store, sinks = _open_record(
+        cfg,
+        prepared,
+        run_root=run_root,
+        name=name,
+        resume=resume,
+        argv=argv,
+        live=live,
+        manifest_extra=manifest_extra,
+    )
     run_dir = Path(distributed.broadcast_object(str(store.path) if store else None))
-    sinks = Sinks(durable=store, live=live_sinks)
-    if store is not None:
-        run = {"run": store.manifest["id"], "name": store.manifest.get("name", name)}
-        for sink in sinks.live:
-            store.update_manifest(**sink.bind_run(run))
-
-    status = "crashed"
     trainer: Trainer | None = None
-    runner: ProbeRunner | None = None
     try:
-        trainer = assemble(cfg, (info, corpus, sampler, val, model), run_dir, sinks)
-        runner = trainer.runner
-        if resume is not None:
-            _resume(trainer, run_dir)
-        trainer.event(
-            EventKind.START,
-            Severity.INFO,
-            f"training on {info.world} rank(s), {info.device.type}, "
-            f"{model.num_params():,} non-embedding parameters",
-            world=info.world,
-            device=info.device.type,
-            resumed=resume is not None,
-        )
-        with _graceful_stop(trainer), contextlib.ExitStack() as stack:
-            progress = Progress(
-                cfg.train.steps, trainer.state.step, enabled=info.is_main and cfg.log.progress
-            )
-            stack.callback(progress.close)
-            status = trainer.fit(progress)
+        trainer = assemble(cfg, prepared, run_dir, sinks)
+        status = _run(trainer, run_dir, resume=resume is not None)
     except BaseException as exc:
-        if trainer is not None:
-            with contextlib.suppress(Exception):
-                trainer.finish_checkpoints()
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
-        refused = isinstance(exc, YotoError) and store is not None and store.previous_status
-        if refused:  # a resume refused for bad input leaves the run as it was
-            status = store.previous_status
-        if store is not None:
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            step = trainer.state.step if trainer else 0
-            attempt = trainer.state.attempt if trainer else 0
-            message = f"resume refused: {exc}" if refused else f"run {status}: {detail}"
-            sinks.write_event(
-                Event(
-                    step,
-                    attempt,
-                    EventKind.END,
-                    Severity.WARNING if refused else Severity.CRITICAL,
-                    message,
-                    {"status": status},
-                )
-            )
-            sinks.close(status)
+        _record_crash(exc, trainer, store, sinks)
         raise
     finally:
-        if runner is not None:
-            runner.detach()  # hooks off, the spectra worker stopped
+        if trainer is not None:
+            trainer.runner.detach()  # hooks off, the spectra worker stopped
     if store is not None:
-        assert trainer is not None
-        trainer.event(
-            EventKind.END,
-            Severity.INFO,
-            f"run {status} at step {trainer.state.step}",
-            status=status,
-        )
-        sinks.close(status)
-        story = describe_interventions(runstore.read_events(run_dir))
-        print(
-            f"\nrun {status}: {run_dir}"
-            + "".join(f"\n  {line}" for line in story)
-            + f"\n  details: yoto runs show {run_dir}",
-            file=sys.stderr,
-        )
+        _record_end(trainer, status, sinks, run_dir)
     distributed.barrier()
     return run_dir
+
+
+def _run(trainer: Trainer, run_dir: Path, resume: bool) -> str:
+    """Resume if asked, then train to the end or an agreed stop; returns the status."""
+    cfg, info = trainer.cfg, trainer.info
+    if resume:
+        _resume(trainer, run_dir)
+    trainer.event(
+        EventKind.START,
+        Severity.INFO,
+        f"training on {info.world} rank(s), {info.device.type}, "
+        f"{trainer.engine.module.num_params():,} non-embedding parameters",
+        world=info.world,
+        device=info.device.type,
+        resumed=resume,
+    )
+    with _graceful_stop(trainer), contextlib.ExitStack() as stack:
+        progress = Progress(
+            cfg.train.steps, trainer.branch.step, enabled=info.is_main and cfg.log.progress
+        )
+        stack.callback(progress.close)
+        return trainer.fit(progress)
+
+
+def _record_crash(
+    exc: BaseException, trainer: Trainer | None, store: RunStore | None, sinks: Sinks
+) -> None:
+    """The way out for an exception: checkpoints still sealing are handed in, and rank 0
+    records how the run ended (crashed, interrupted, or, for a resume refused for bad
+    input, the status the run had before) and closes its sinks."""
+    if trainer is not None:
+        with contextlib.suppress(Exception):
+            trainer.finish_checkpoints()
+    if store is None:
+        return
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
+    refused = isinstance(exc, YotoError) and store.previous_status
+    if refused:  # a resume refused for bad input leaves the run as it was
+        status = store.previous_status
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    branch = trainer.branch if trainer is not None else Branch()
+    sinks.write_event(
+        Event(
+            branch.step,
+            branch.attempt,
+            EventKind.END,
+            Severity.WARNING if refused else Severity.CRITICAL,
+            f"resume refused: {exc}" if refused else f"run {status}: {detail}",
+            {"status": status},
+        )
+    )
+    sinks.close(status)
+
+
+def _record_end(trainer: Trainer, status: str, sinks: Sinks, run_dir: Path) -> None:
+    """Rank 0, after a run that ended without an exception: the end event, the sinks
+    closed, and the story told on the terminal."""
+    trainer.event(
+        EventKind.END,
+        Severity.INFO,
+        f"run {status} at step {trainer.branch.step}",
+        status=status,
+    )
+    sinks.close(status)
+    story = describe_interventions(runstore.read_events(run_dir))
+    print(
+        f"\nrun {status}: {run_dir}"
+        + "".join(f"\n  {line}" for line in story)
+        + f"\n  details: yoto runs show {run_dir}",
+        file=sys.stderr,
+    )
 
 
 def describe_interventions(events: list[dict[str, Any]]) -> list[str]:
@@ -202,26 +231,64 @@ def describe_interventions(events: list[dict[str, Any]]) -> list[str]:
     lines = []
     for e in events:
         kind, data = e.get("kind"), e.get("data", {})
-        if kind == "fault_injected":
+        if kind == EventKind.FAULT_INJECTED:
             lines.append(f"step {e['step']}: {e['message']}")
-        elif kind == "spike" and (data.get("persistent") or e.get("severity") == "critical"):
+        elif kind == EventKind.SPIKE and (
+            data.get("persistent") or e.get("severity") == Severity.CRITICAL
+        ):
             lines.append(f"step {e['step']}: detected: {e['message']}")
-        elif kind in ("rollback", "halt"):
+        elif kind in (EventKind.ROLLBACK, EventKind.HALT):
             lines.append(f"step {e['step']}: {e['message']}")
     return lines
 
 
-def _open_store(
+def _open_record(
     cfg: Config,
-    info: distributed.DistInfo,
+    prepared: Prepared,
+    *,
     run_root: str | Path,
     name: str,
     resume: str | Path | None,
     argv: list[str] | None,
-    model: GPT,
-    corpus: Corpus,
-    manifest_extra: dict[str, Any] | None = None,
+    live: Callable[[], list[LiveSink]] | None,
+    manifest_extra: dict[str, Any] | None,
+) -> tuple[RunStore | None, Sinks]:
+    """Rank 0: the live sinks (their ports bound now), then the run directory, new or
+    reopened, and the live sinks told which run they serve. Other ranks write nothing."""
+    if not prepared.info.is_main:
+        return None, Sinks()
+    live_sinks = live() if live is not None else []
+    try:
+        store = _open_store(
+            cfg,
+            prepared,
+            run_root=run_root,
+            name=name,
+            resume=resume,
+            argv=argv,
+            manifest_extra=manifest_extra,
+        )
+    except BaseException:
+        for sink in live_sinks:
+            sink.close("crashed")
+        raise
+    run = {"run": store.manifest["id"], "name": store.manifest.get("name", name)}
+    for sink in live_sinks:
+        store.update_manifest(**sink.bind_run(run))
+    return store, Sinks(durable=store, live=live_sinks)
+
+
+def _open_store(
+    cfg: Config,
+    prepared: Prepared,
+    *,
+    run_root: str | Path,
+    name: str,
+    resume: str | Path | None,
+    argv: list[str] | None,
+    manifest_extra: dict[str, Any] | None,
 ) -> RunStore:
+    info, model = prepared.info, prepared.model
     extra = {
         **(manifest_extra or {}),
         "world_size": info.world,
@@ -229,7 +296,7 @@ def _open_store(
         "argv": argv or [],
         "parameters": model.num_params(non_embedding=False),
         "non_embedding_parameters": model.num_params(),
-        "data": corpus.token_counts(),
+        "data": prepared.corpus.token_counts(),
     }
     kwargs = {
         "flush_every_steps": cfg.log.flush_every_steps,
@@ -265,18 +332,18 @@ def _resume(trainer: Trainer, run_dir: Path) -> None:
     if chosen is not None:
         trainer.restore(chosen, resume=True)
     recorded = runstore.last_recorded(run_dir) if info.is_main else None
-    from_step = trainer.state.step
+    from_step = trainer.branch.step
     # steps after the checkpoint that are already recorded will be replayed: a new attempt
     replay = recorded is not None and recorded[1] > from_step
     if replay:
-        trainer.state.attempt = max(recorded[0], trainer.run.max_attempt) + 1
-        trainer.run.max_attempt = trainer.state.attempt
-    trainer.state.attempt = distributed.broadcast_object(trainer.state.attempt)
+        trainer.branch.attempt = trainer.history.new_attempt(after=recorded[0])
+    trainer.branch.attempt = distributed.broadcast_object(trainer.branch.attempt)
+    trainer.history.saw_attempt(trainer.branch.attempt)
     where = f"checkpoint {chosen.tag}" if chosen else "the beginning (no usable checkpoint)"
     trainer.event(
         EventKind.RESUME,
         Severity.INFO if chosen else Severity.WARNING,
-        f"resumed from {where}, attempt {trainer.state.attempt}",
+        f"resumed from {where}, attempt {trainer.branch.attempt}",
         checkpoint=chosen.tag if chosen else None,
         from_step=from_step,
         replayed_steps=(recorded[1] - from_step) if replay else 0,

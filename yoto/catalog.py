@@ -36,6 +36,7 @@ class Metric:
     help: str
     labels: tuple[str, ...] = ()
     cadence: Cadence = "step"
+    group: str = ""  # the section of the catalog (and of the README's metric reference)
 
     def key(self, **labels: str) -> str:
         """The series key of this metric with the given label values."""
@@ -43,6 +44,15 @@ class Metric:
 
 
 CATALOG: dict[str, Metric] = {}
+GROUPS: dict[str, str] = {}  # section title -> the modules that emit its metrics
+_group = ""
+
+
+def _section(title: str, where: str) -> None:
+    """The metrics defined next belong to section ``title``, emitted by ``where``."""
+    global _group
+    GROUPS[title] = where
+    _group = title
 
 
 def _metric(
@@ -55,12 +65,12 @@ def _metric(
 ) -> Metric:
     if name in CATALOG:
         raise ValueError(f"metric {name!r} is defined twice in the catalog")
-    metric = Metric(name, type, unit, help, labels, cadence)
+    metric = Metric(name, type, unit, help, labels, cadence, _group)
     CATALOG[name] = metric
     return metric
 
 
-# --- training loop (foundation) -----------------------------------------------------------
+_section("training loop", "trainer/loop.py")
 TRAIN_LOSS = _metric(
     "yoto_train_loss",
     "gauge",
@@ -138,7 +148,7 @@ VAL_LOSS = _metric(
     cadence="eval",
 )
 
-# --- spikes (probes/spikes.py) ------------------------------------------------------------
+_section("spikes", "probes/spikes.py")
 LOSS_SPIKES = _metric(
     "yoto_loss_spikes_total",
     "counter",
@@ -158,7 +168,7 @@ SPIKE_SCORE = _metric(
     "Fraction of the recent steps (probes.spikes.score_window) in a loss or grad-norm spike.",
 )
 
-# --- gradient noise scale (probes/grad_noise.py) ------------------------------------------
+_section("gradient noise scale", "probes/grad_noise.py")
 GRADIENT_NOISE_SCALE = _metric(
     "yoto_gradient_noise_scale_samples",
     "gauge",
@@ -178,7 +188,7 @@ GRADIENT_TRACE_SIGMA = _metric(
     "Unbiased two-batch estimate of tr(Sigma), the per-sequence gradient variance (EMA).",
 )
 
-# --- precision (probes/precision.py) ------------------------------------------------------
+_section("precision", "probes/precision.py")
 LOSS_SCALE = _metric("yoto_loss_scale", "gauge", "", "fp16 dynamic loss scale.")
 LOSS_SCALE_HEADROOM = _metric(
     "yoto_loss_scale_headroom_log2",
@@ -228,7 +238,7 @@ ACTIVATION_HEADROOM = _metric(
     cadence="probe",
 )
 
-# --- per-layer statistics (probes/layers.py) ----------------------------------------------
+_section("per-layer statistics", "probes/layers.py")
 LAYER_GRAD_NORM = _metric(
     "yoto_layer_grad_norm",
     "gauge",
@@ -285,7 +295,7 @@ OUTPUT_LOG_Z = _metric(
     cadence="probe",
 )
 
-# --- layer spectra (probes/spectra.py) ----------------------------------------------------
+_section("layer spectra", "probes/spectra.py")
 WEIGHT_ALPHA = _metric(
     "yoto_weight_alpha",
     "gauge",
@@ -333,7 +343,7 @@ SPECTRA_SKIPPED = _metric(
     "Spectra analyses skipped because the previous one was still running.",
 )
 
-# --- interventions (trainer/policy.py, trainer/rollback.py, trainer/batch_control.py) -----
+_section("interventions", "trainer/loop.py, trainer/history.py, trainer/batch_control.py")
 ROLLBACKS = _metric(
     "yoto_rollbacks_total",
     "counter",
@@ -365,7 +375,7 @@ HALTED = _metric(
     "1 once the policy halted the run (rollback budget spent, or nothing to roll back to).",
 )
 
-# --- live path (dashboards/live/exporter.py, alerts/notifier.py) --------------------------
+_section("live path", "dashboards/live/exporter.py, alerts/notifier.py")
 # Born in the exporter from what the trainer writes, so that a one-step event between two
 # scrapes still reaches Prometheus: window maxima reset at each scrape, counters of events.
 TRAIN_LOSS_WINDOW_MAX = _metric(
@@ -450,7 +460,7 @@ LAYER_SERIES_DROPPED = _metric(
 )
 
 
-# --- probe health (probes/runner.py) ------------------------------------------------------
+_section("probe health", "probes/runner.py")
 PROBE_FAILURES = _metric(
     "yoto_probe_failures_total",
     "counter",
@@ -490,6 +500,35 @@ def _unescape(value: str) -> str:
     return value.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
 
 
+def markdown() -> str:
+    """The metric reference as Markdown tables, one per section (the README's, generated:
+    ``python -m yoto.catalog --readme README.md`` rewrites it there)."""
+    out = []
+    for title, where in GROUPS.items():
+        out += [f"**{title}** ({where})", "", "| metric | type | unit | labels | meaning |"]
+        out.append("|---|---|---|---|---|")
+        for m in CATALOG.values():
+            if m.group == title:
+                labels = ", ".join(m.labels)
+                meaning = m.help.replace("|", "\\|")
+                out.append(f"| `{m.name}` | {m.type} | {m.unit or '-'} | {labels} | {meaning} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+README_BEGIN = "<!-- metric reference: generated from yoto/catalog.py; do not edit -->"
+README_END = "<!-- end of metric reference -->"
+
+
+def with_readme_reference(text: str) -> str:
+    """``text`` (the README) with its generated metric reference brought up to date."""
+    head, sep, rest = text.partition(README_BEGIN)
+    _, sep2, tail = rest.partition(README_END)
+    if not sep or not sep2:
+        raise ValueError(f"the README has no {README_BEGIN!r} ... {README_END!r} block")
+    return f"{head}{README_BEGIN}\n{markdown()}{README_END}{tail}"
+
+
 def check_catalog() -> list[str]:
     """Problems with the catalog's names (empty when it follows the conventions)."""
     problems = []
@@ -511,3 +550,16 @@ def check_catalog() -> list[str]:
         if not metric.help.strip():
             problems.append(f"{metric.name}: help text is empty")
     return problems
+
+
+if __name__ == "__main__":  # python -m yoto.catalog --readme README.md
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description="print or write the metric reference")
+    ap.add_argument("--readme", type=Path, help="rewrite this README's generated block")
+    args = ap.parse_args()
+    if args.readme is None:
+        print(markdown(), end="")
+    else:
+        args.readme.write_text(with_readme_reference(args.readme.read_text()))

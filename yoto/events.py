@@ -1,8 +1,13 @@
 """Events, and the small protocols through which the trainer writes what it measured.
 
-The trainer never imports the run store, the Prometheus exporter or the chat notifier; it
-writes to a :class:`Sink` (metrics and events) and a :class:`Notifier` (chat), and the CLI
-wires the real ones in. Dependencies point one way: kernel <- probes <- trainer.
+The trainer never imports the run store, the Prometheus exporter, TensorBoard or the chat
+notifier; it writes to :class:`Sinks` (metrics, events and long records), and the CLI wires
+the real ones in. Dependencies point one way: kernel <- probes <- trainer.
+
+The typed vocabulary of what happens to a run lives here too, because the trainer writes it
+and the alerts and the explorer read it: :class:`EventKind`, :class:`Severity`,
+:class:`Reason` (why a verdict or a decision was made) and :class:`Rollback` (what a
+rollback did: the payload of a ``rollback`` event and an entry of the run's history).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -38,6 +43,80 @@ class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"
     CRITICAL = "critical"
+
+
+class Reason(StrEnum):
+    """Why: the class of a verdict (set by the detector that made it) and the reason of a
+    decision. The verdict classes are also the ``policy:`` config's field names, which map
+    each to an action."""
+
+    # verdict classes, mapped to actions by the policy config
+    NONFINITE = "nonfinite"  # a non-finite loss or grad norm
+    PERSISTENT_SPIKE = "persistent_spike"  # a spike that did not settle
+    SPIKE = "spike"  # an isolated spike
+    LOSS_SCALE_MIN = "loss_scale_min"  # the fp16 loss scale at DeepSpeed's minimum
+    OVERFLOW = "overflow"  # fp16/bf16 steps skipped for inf/nan gradients
+    SPECTRA = "spectra"  # a layer's alpha left the healthy band
+    PROBE_FAILURE = "probe_failure"  # a probe raised
+    # why the policy's decision is not the verdict's action
+    NO_CHECKPOINT = "no_checkpoint"  # a rollback with no good checkpoint to go to
+    ROLLBACK_BUDGET = "rollback_budget"  # too many rollbacks within the window
+    RANK0 = "rank 0"  # this rank's own decision differed; rank 0's was taken
+
+
+#: the verdict classes the ``policy:`` config maps to actions
+VERDICT_REASONS = (
+    Reason.NONFINITE,
+    Reason.PERSISTENT_SPIKE,
+    Reason.SPIKE,
+    Reason.LOSS_SCALE_MIN,
+    Reason.OVERFLOW,
+    Reason.SPECTRA,
+    Reason.PROBE_FAILURE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """What one rollback did. The trainer's history keeps one per rollback (it survives
+    later rollbacks and resumes); the ``rollback`` event's data is :meth:`to_data`, which
+    readers (chat, explorer) turn back into this with :meth:`from_data`."""
+
+    from_step: int  # the step the abandoned branch had reached
+    to_step: int  # the checkpoint's step: the new branch trains from step to_step + 1
+    onset: int  # the first step of the anomaly
+    reason: Reason  # the deciding verdict's class
+    from_attempt: int  # the abandoned branch
+    attempt: int  # the new branch
+    checkpoint: str = ""  # the checkpoint's tag (step-N)
+    skipped_batches: int = 0  # at the batch size of the abandoned step
+    skipped_sequences: int = 0
+    sampler_position_checkpoint: int = 0  # where the checkpoint's data stream stood
+    sampler_position_resume: int = 0  # where the new branch's stream starts
+    onset_position: int = 0  # where the stream stood before the onset step
+    lr_cooldown: tuple[float, int] | None = None  # (LR factor, up to step), if any
+    trigger: str = ""  # the deciding verdict's message
+    seconds: float = 0.0  # decision to ready-to-train
+
+    def to_data(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["reason"] = str(self.reason)
+        data["lr_cooldown"] = list(self.lr_cooldown) if self.lr_cooldown else None
+        return data
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Rollback:
+        """From an event's data or a history entry; records written before a field existed
+        get its default (``from_attempt``: the attempt before ``attempt``)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("from_attempt", int(data["attempt"]) - 1)
+        reason = values["reason"]
+        values["reason"] = Reason(reason) if reason in Reason._value2member_map_ else reason
+        if values.get("lr_cooldown") is not None:
+            factor, until = values["lr_cooldown"]
+            values["lr_cooldown"] = (float(factor), int(until))
+        return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +165,6 @@ class LiveSink(Sink, Protocol):
     what the run's manifest should say about it (e.g. the metrics URL)."""
 
     def bind_run(self, run: Mapping[str, str]) -> Mapping[str, Any]: ...
-
-
-class Notifier(Protocol):
-    """Delivers an event to people (chat). Must never block or raise into the loop."""
-
-    def notify(self, event: Event) -> None: ...
 
 
 class Sinks:

@@ -97,7 +97,7 @@ def test_bf16_non_finite_gradient_step_shows_end_to_end(tmp_path: Path) -> None:
 
     def poison(grad: torch.Tensor) -> torch.Tensor:
         seen["n"] += 1
-        return grad * float("nan") if trainer.state.step + 1 == 5 else grad
+        return grad * float("nan") if trainer.branch.step + 1 == 5 else grad
 
     target.register_hook(poison)
     trainer.fit()

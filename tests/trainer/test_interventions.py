@@ -238,15 +238,12 @@ def test_bad_fault_specs_are_clear_errors() -> None:
 
 
 def test_a_late_record_keeps_the_attempt_of_the_branch_it_was_taken_on() -> None:
-    from types import SimpleNamespace
-
-    from yoto.trainer.loop import Trainer
+    from yoto.events import Reason, Rollback
+    from yoto.trainer.history import Branch, History
 
     # attempt 0 ran to step 65 and rolled back to 40; attempt 1 is now at step 50
-    rollback = {"from_step": 65, "to_step": 40, "attempt": 1, "from_attempt": 0}
-    trainer = SimpleNamespace(
-        state=SimpleNamespace(step=50, attempt=1), run=SimpleNamespace(rollbacks=[rollback])
-    )
-    assert Trainer._attempt_of(trainer, 30) == 0  # before the checkpoint: trained by 0
-    assert Trainer._attempt_of(trainer, 50) == 1
-    assert Trainer._attempt_of(trainer, 60) == 0  # analysed on the abandoned branch
+    history = History(rollbacks=[Rollback(65, 40, 60, Reason.SPIKE, from_attempt=0, attempt=1)])
+    branch = Branch(step=50, attempt=1)
+    assert history.attempt_of(30, branch) == 0  # before the checkpoint: trained by 0
+    assert history.attempt_of(50, branch) == 1
+    assert history.attempt_of(60, branch) == 0  # analysed on the abandoned branch

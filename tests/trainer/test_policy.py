@@ -2,34 +2,57 @@
 
 import torch
 
-from yoto.config import PolicyConfig
-from yoto.events import EventKind, Severity
+from yoto import catalog
+from yoto.config import PolicyConfig, SpikesConfig
+from yoto.events import EventKind, Reason, Rollback, Severity
 from yoto.probes.base import Verdict
 from yoto.probes.precision import OverflowDetector
+from yoto.probes.spikes import SpikeDetector
 from yoto.trainer.policy import Action, Policy
 
 
-def spike(step: int, onset: int, **data) -> Verdict:
-    return Verdict(EventKind.SPIKE, Severity.WARNING, step, onset, "spike", data)
+def spike(step: int, onset: int, reason: Reason = Reason.SPIKE, **data) -> Verdict:
+    return Verdict(EventKind.SPIKE, Severity.WARNING, step, onset, "spike", data, reason)
+
+
+def rolled_back(from_step: int, reason: Reason) -> Rollback:
+    return Rollback(from_step, from_step - 20, from_step, reason, from_attempt=0, attempt=1)
 
 
 def test_defaults_map_verdicts_to_actions() -> None:
     policy = Policy(PolicyConfig())
     assert policy.decide(10, [], []).action == Action.NONE
     assert policy.decide(10, [spike(10, 10, rule="sigma")], []).action == Action.ALERT
-    persistent = spike(14, 10, rule="persistent", persistent=True)
+    persistent = spike(14, 10, Reason.PERSISTENT_SPIKE, rule="persistent", persistent=True)
     d = policy.decide(14, [spike(14, 14, rule="ewm"), persistent], [])
     assert (d.action, d.reason, d.onset) == (Action.ROLLBACK, "persistent_spike", 10)
-    nonfinite = Verdict(EventKind.SPIKE, Severity.CRITICAL, 7, 7, "nan", {"rule": "nonfinite"})
+    nonfinite = spike(7, 7, Reason.NONFINITE, rule="nonfinite")
     assert policy.decide(7, [nonfinite], []).action == Action.ROLLBACK
     probe = Verdict(EventKind.PROBE, Severity.INFO, 3, 3, "note", {"reason": "one_batch"})
     assert policy.decide(3, [probe], []).action == Action.NONE
 
 
+def test_the_detectors_name_the_reason_the_policy_acts_on() -> None:
+    """The spike detector itself classifies: NaN -> nonfinite; a run of spikes ->
+    spike, then persistent_spike (no dict key is read by the policy)."""
+    detector = SpikeDetector(SpikesConfig())
+    reasons = []
+    for step in range(1, 200):
+        loss = 2.0 + 0.01 * (step % 3) if step < 150 else 50.0
+        values = {catalog.TRAIN_LOSS.name: loss, catalog.GRAD_NORM.name: 1.0}
+        verdicts = list(detector.observe(step, values))
+        reasons += [v.reason for v in verdicts if v.kind == EventKind.SPIKE]
+    assert Reason.SPIKE in reasons and Reason.PERSISTENT_SPIKE in reasons
+    nan_values = {catalog.TRAIN_LOSS.name: float("nan"), catalog.GRAD_NORM.name: 1.0}
+    nan = list(detector.observe(200, nan_values))
+    assert [v.reason for v in nan] == [Reason.NONFINITE]
+    assert Policy(PolicyConfig()).decide(200, nan, []).reason == Reason.NONFINITE
+
+
 def test_config_changes_the_mapping() -> None:
     policy = Policy(PolicyConfig(spike="lr_cooldown", persistent_spike="halt"))
     assert policy.decide(5, [spike(5, 5, rule="sigma")], []).action == Action.LR_COOLDOWN
-    d = policy.decide(9, [spike(9, 5, rule="persistent", persistent=True)], [])
+    d = policy.decide(9, [spike(9, 5, Reason.PERSISTENT_SPIKE, persistent=True)], [])
     assert d.action == Action.HALT
     assert Policy(PolicyConfig(enabled=False)).decide(9, [spike(9, 9)], []).action == Action.NONE
 
@@ -38,10 +61,10 @@ def test_rollback_budget_turns_into_halt() -> None:
     policy = Policy(
         PolicyConfig.model_validate({"rollback": {"max_rollbacks": 2, "window_steps": 100}})
     )
-    nan = Verdict(EventKind.SPIKE, Severity.CRITICAL, 250, 250, "nan", {"rule": "nonfinite"})
-    old = [{"from_step": 100, "reason": "nonfinite"}, {"from_step": 200, "reason": "nonfinite"}]
+    nan = spike(250, 250, Reason.NONFINITE, rule="nonfinite")
+    old = [rolled_back(100, Reason.NONFINITE), rolled_back(200, Reason.NONFINITE)]
     assert policy.decide(250, [nan], old[1:]).action == Action.ROLLBACK  # one in the window
-    halt = policy.decide(250, [nan], [{"from_step": 170, "reason": "x"}, *old[1:]])
+    halt = policy.decide(250, [nan], [rolled_back(170, Reason.SPIKE), *old[1:]])
     assert halt.action == Action.HALT and halt.reason == "rollback_budget"
 
 
@@ -50,7 +73,6 @@ def test_fp16_scale_at_minimum_rolls_back_then_halts_with_advice() -> None:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.runtime.utils import CheckOverflow
 
-    from yoto import catalog
     from yoto.trainer.distributed import setup
 
     setup(torch.device("cpu"))
@@ -64,7 +86,7 @@ def test_fp16_scale_at_minimum_rolls_back_then_halts_with_advice() -> None:
     )
     model = torch.nn.Linear(8, 8).half()
     detector, policy = OverflowDetector(), Policy(PolicyConfig())
-    rollbacks: list[dict] = []
+    rollbacks: list[Rollback] = []
     decisions = []
     total = 0
     for step in range(1, 5):
@@ -87,7 +109,7 @@ def test_fp16_scale_at_minimum_rolls_back_then_halts_with_advice() -> None:
         if decision.action == Action.HALT:
             break
         if decision.action == Action.ROLLBACK:
-            rollbacks.append({"from_step": step, "reason": decision.reason})
+            rollbacks.append(rolled_back(step, decision.reason))
             detector.at_minimum = False  # a rollback restores a state before the minimum
     actions = [d.action for d in decisions]
     assert actions == [Action.ROLLBACK, Action.HALT]
