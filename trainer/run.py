@@ -14,6 +14,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -128,16 +129,8 @@ def train(
     and closed with it. ``manifest_extra`` adds fields to the manifest (``yoto sweep``
     tags its runs this way)."""
     prepared = prepare(cfg)
-    store, sinks = _open_record(
-        cfg,
-        prepared,
-        run_root=run_root,
-        name=name,
-        resume=resume,
-        argv=argv,
-        live=live,
-        manifest_extra=manifest_extra,
-    )
+    record = RecordRequest(run_root, name, resume, argv or [], manifest_extra or {})
+    store, sinks = _open_record(cfg, prepared, record, live)
     run_dir = Path(distributed.broadcast_object(str(store.path) if store else None))
     trainer: Trainer | None = None
     try:
@@ -242,16 +235,22 @@ def describe_interventions(events: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class RecordRequest:
+    """Where and how :func:`train` records the run."""
+
+    run_root: str | Path  # a new run directory goes under it
+    name: str
+    resume: str | Path | None  # or this run directory is reopened
+    argv: list[str]  # the command line, for the manifest
+    manifest_extra: dict[str, Any]  # more manifest fields (yoto sweep's tag)
+
+
 def _open_record(
     cfg: Config,
     prepared: Prepared,
-    *,
-    run_root: str | Path,
-    name: str,
-    resume: str | Path | None,
-    argv: list[str] | None,
+    record: RecordRequest,
     live: Callable[[], list[LiveSink]] | None,
-    manifest_extra: dict[str, Any] | None,
 ) -> tuple[RunStore | None, Sinks]:
     """Rank 0: the live sinks (their ports bound now), then the run directory, new or
     reopened, and the live sinks told which run they serve. Other ranks write nothing."""
@@ -259,41 +258,24 @@ def _open_record(
         return None, Sinks()
     live_sinks = live() if live is not None else []
     try:
-        store = _open_store(
-            cfg,
-            prepared,
-            run_root=run_root,
-            name=name,
-            resume=resume,
-            argv=argv,
-            manifest_extra=manifest_extra,
-        )
+        store = _open_store(cfg, prepared, record)
     except BaseException:
         for sink in live_sinks:
             sink.close("crashed")
         raise
-    run = {"run": store.manifest["id"], "name": store.manifest.get("name", name)}
+    run = {"run": store.manifest["id"], "name": store.manifest.get("name", record.name)}
     for sink in live_sinks:
         store.update_manifest(**sink.bind_run(run))
     return store, Sinks(durable=store, live=live_sinks)
 
 
-def _open_store(
-    cfg: Config,
-    prepared: Prepared,
-    *,
-    run_root: str | Path,
-    name: str,
-    resume: str | Path | None,
-    argv: list[str] | None,
-    manifest_extra: dict[str, Any] | None,
-) -> RunStore:
+def _open_store(cfg: Config, prepared: Prepared, record: RecordRequest) -> RunStore:
     info, model = prepared.info, prepared.model
     extra = {
-        **(manifest_extra or {}),
+        **record.manifest_extra,
         "world_size": info.world,
         "device": info.device.type,
-        "argv": argv or [],
+        "argv": record.argv,
         "parameters": model.num_params(non_embedding=False),
         "non_embedding_parameters": model.num_params(),
         "data": prepared.corpus.token_counts(),
@@ -302,11 +284,11 @@ def _open_store(
         "flush_every_steps": cfg.log.flush_every_steps,
         "flush_every_seconds": cfg.log.flush_every_seconds,
     }
-    if resume is not None:
-        store = RunStore.reopen(resume, extra=extra, **kwargs)
+    if record.resume is not None:
+        store = RunStore.reopen(record.resume, extra=extra, **kwargs)
         runstore.atomic_write_bytes(store.path / runstore.CONFIG, cfg.to_yaml().encode())
         return store
-    return RunStore.create(run_root, name, cfg.to_yaml(), extra=extra, **kwargs)
+    return RunStore.create(record.run_root, record.name, cfg.to_yaml(), extra=extra, **kwargs)
 
 
 def _resume(trainer: Trainer, run_dir: Path) -> None:
