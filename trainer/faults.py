@@ -20,25 +20,35 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
 
 from yoto.errors import ConfigError
 
-KINDS = {
-    "lr_spike": {"factor": 100.0, "steps": 3},
-    "bad_batch": {"steps": 8},
-    "nan_grad": {},
-    "weight_blowup": {"factor": 30.0, "layer": 0},
-    "fp16_overflow": {"steps": 3},
+
+class FaultKind(StrEnum):
+    LR_SPIKE = "lr_spike"
+    BAD_BATCH = "bad_batch"
+    NAN_GRAD = "nan_grad"
+    WEIGHT_BLOWUP = "weight_blowup"
+    FP16_OVERFLOW = "fp16_overflow"
+
+
+KINDS = {  # kind -> its options and their defaults
+    FaultKind.LR_SPIKE: {"factor": 100.0, "steps": 3},
+    FaultKind.BAD_BATCH: {"steps": 8},
+    FaultKind.NAN_GRAD: {},
+    FaultKind.WEIGHT_BLOWUP: {"factor": 30.0, "layer": 0},
+    FaultKind.FP16_OVERFLOW: {"steps": 3},
 }
 _SPEC = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<opts>.*))?$")
 
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str
+    kind: FaultKind
     step: int
     rank: int | None = None
     factor: float = 1.0
@@ -75,7 +85,7 @@ def parse_fault(spec: str) -> Fault:
     step = int(match.group("step"))
     if step < 1:
         raise ConfigError(f"fault {spec!r}: steps are counted from 1")
-    return Fault(kind, step, **options)
+    return Fault(FaultKind(kind), step, **options)
 
 
 class FaultInjector:
@@ -84,7 +94,7 @@ class FaultInjector:
     def __init__(self, specs: list[str], rank: int, precision: str) -> None:
         self.faults = [parse_fault(s) for s in specs]
         for fault in self.faults:
-            if fault.kind == "fp16_overflow" and precision != "fp16":
+            if fault.kind == FaultKind.FP16_OVERFLOW and precision != "fp16":
                 raise ConfigError(
                     f"fault {fault.spec}: fp16_overflow needs "
                     f"train.precision=fp16 (a GPU); here it is {precision}"
@@ -109,9 +119,9 @@ class FaultInjector:
             self.fired.add(fault.spec)
             self.windows[fault.spec] = (step, step + max(1, fault.steps))
             fired.append(fault)
-            if fault.kind == "bad_batch":
+            if fault.kind == FaultKind.BAD_BATCH:
                 self.bad_positions.append((position, position + fault.steps * batch))
-            elif fault.kind == "weight_blowup":  # every rank: replicas must stay equal
+            elif fault.kind == FaultKind.WEIGHT_BLOWUP:  # every rank: replicas must stay equal
                 with torch.no_grad():
                     for p in model.blocks[fault.layer].parameters():
                         if p.dim() >= 2:
@@ -132,7 +142,7 @@ class FaultInjector:
     def lr_factor(self) -> float:
         factor = 1.0
         for fault in self._active:
-            if fault.kind == "lr_spike":
+            if fault.kind == FaultKind.LR_SPIKE:
                 factor *= fault.factor
         return factor
 
@@ -140,7 +150,7 @@ class FaultInjector:
         """Random bytes in place of a micro-batch whose data lie in a bad range."""
         if not any(lo <= first_position < hi for lo, hi in self.bad_positions):
             return tokens
-        if not any(f.kind == "bad_batch" and self._mine(f) for f in self.faults):
+        if not any(f.kind == FaultKind.BAD_BATCH and self._mine(f) for f in self.faults):
             return tokens
         gen = torch.Generator().manual_seed(first_position)
         return torch.randint(0, 256, tokens.shape, generator=gen, dtype=tokens.dtype)
@@ -148,13 +158,13 @@ class FaultInjector:
     def loss_factor(self) -> float:
         return (
             float("inf")
-            if any(f.kind == "fp16_overflow" and self._mine(f) for f in self._active)
+            if any(f.kind == FaultKind.FP16_OVERFLOW and self._mine(f) for f in self._active)
             else 1.0
         )
 
     def poison_grads(self, model: torch.nn.Module) -> Any:
         """For nan_grad: a one-shot hook on one weight; returns its handle (or None)."""
-        if not any(f.kind == "nan_grad" and self._mine(f) for f in self._active):
+        if not any(f.kind == FaultKind.NAN_GRAD and self._mine(f) for f in self._active):
             return None
         weight = model.blocks[0].mlp.fc.weight
         return weight.register_hook(lambda g: g * float("nan"))
