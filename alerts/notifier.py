@@ -6,37 +6,40 @@ down, the run still says that it rolled back. The training loop only ever calls
 :meth:`ChatNotifier.notify`, which filters, de-duplicates, rate-limits and enqueues in
 microseconds and never raises. A daemon thread delivers, in order, to every channel:
 
-- a failed delivery is retried with exponential backoff (with jitter), honouring the
-  endpoint's ``Retry-After``; a message waits for its channel to come back rather than
-  being lost, for up to ``notify.give_up_after_seconds``;
+- a failed delivery is retried with exponential backoff (with jitter, up to
+  ``notify.max_backoff_seconds``); a message waits for its channel to come back rather
+  than being lost, for up to ``notify.give_up_after_seconds``;
 - the queue is bounded (``notify.queue_size``): when it is full the oldest non-critical
   message is dropped, never a critical one while a non-critical one is queued;
 - failures are counted (``yoto_alerts_failed_total{channel}``) and logged with the
   channel's scheme only: a webhook URL is a secret and never appears in a log.
 
-Apprise reports success as a bool; to read ``Retry-After`` the notifier thread captures the
-HTTP responses of its own calls through a pass-through wrapper of ``requests``' send that
-is inert on every other thread.
+Apprise is used only through its public surface: the request timeouts travel in each URL
+as Apprise's own ``cto``/``rto`` parameters, and a delivery's outcome is the truth value
+of ``Apprise.notify``. The retrying is the notifier's, not Apprise's (``?retry=`` sleeps
+inside the call, a few times, on the wall clock), because a message must wait minutes
+to hours for its channel and a closing run must be able to stop the wait. All waiting
+goes through an injected :class:`Clock`, so tests move time instead of sleeping.
 """
 
 from __future__ import annotations
 
 import collections
-import email.utils
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from yoto import catalog
 from yoto.config import REDACTED, NotifyConfig
 from yoto.errors import ConfigError
-from yoto.events import Event, Severity
+from yoto.events import Event, EventKind, Severity
 
 log = logging.getLogger("yoto.notify")
 
@@ -97,26 +100,25 @@ class Message:
     body: str
     severity: Severity
     key: tuple
-    created: float = field(default_factory=time.time)
 
 
 def what_the_policy_did(event: Event) -> str:
     data = event.data
-    kind = str(event.kind)
-    if kind == "rollback":
+    kind = event.kind
+    if kind == EventKind.ROLLBACK:
         return (
             f"rolled back to step {data.get('to_step', '?')}, skipped "
             f"{data.get('skipped_batches', '?')} batches (attempt {event.attempt})"
         )
-    if kind == "halt":
+    if kind == EventKind.HALT:
         return f"halted the run. {data.get('advice', '')}".strip()
-    if kind == "alert":
+    if kind == EventKind.ALERT:
         return f"action: {data.get('action', 'alert')}"
-    if kind == "lr_cooldown":
+    if kind == EventKind.LR_COOLDOWN:
         return f"LR x {data.get('factor', '?')} until step {data.get('until', '?')}"
-    if kind == "batch_size":
+    if kind == EventKind.BATCH_SIZE:
         return f"global batch {data.get('previous', '?')} -> {data.get('new', '?')}"
-    if kind == "end":
+    if kind == EventKind.END:
         return f"run ended: {data.get('status', '?')}"
     return "none (for your information)"
 
@@ -135,65 +137,79 @@ def format_message(event: Event, run: Mapping[str, str], link: str | None) -> Me
     return Message(title, "\n".join(lines), event.severity, key)
 
 
-# --- capturing Retry-After ----------------------------------------------------------------
-
-_capture = threading.local()
-_wrap_lock = threading.Lock()
+# --- time ---------------------------------------------------------------------------------
 
 
-def _install_response_capture() -> None:
-    import requests
+class Clock(Protocol):
+    """The notifier's time: de-duplication, rate limit, backoff, give-up and drain all read
+    it, and every wait goes through it, so a test can move time instead of sleeping."""
 
-    with _wrap_lock:
-        if getattr(requests.Session.send, "_yoto_capture", False):
-            return
-        original = requests.Session.send
+    def now(self) -> float:
+        """Seconds on a clock that never goes back."""
 
-        def send(self: Any, request: Any, **kwargs: Any) -> Any:
-            response = original(self, request, **kwargs)
-            if getattr(_capture, "responses", None) is not None:
-                _capture.responses.append((response.status_code, dict(response.headers)))
-            return response
-
-        send._yoto_capture = True  # type: ignore[attr-defined]
-        requests.Session.send = send  # type: ignore[method-assign]
+    def wait(self, cond: threading.Condition, seconds: float) -> None:
+        """Wait on ``cond`` (held by the caller) for up to ``seconds`` of this clock; may
+        return early when ``cond`` is notified (the notifier re-checks what it waits for)."""
 
 
-def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds: a number, or an HTTP date."""
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    if value is None:
-        return None
-    value = value.strip()
-    if value.replace(".", "", 1).isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when - (time.time() if now is None else now))
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, cond: threading.Condition, seconds: float) -> None:
+        cond.wait(timeout=max(0.0, seconds))
 
 
-# --- the notifier -------------------------------------------------------------------------
+# --- channels -----------------------------------------------------------------------------
+
+# Apprise's HTTP plugins read their socket timeouts from these URL parameters (cto: connect,
+# rto: read; URLBase.template_args), the documented way to set them per service.
+_CONNECT_TIMEOUT, _READ_TIMEOUT = "cto", "rto"
+_MAX_CONNECT_SECONDS = 4.0  # a live endpoint accepts within this, whatever the read timeout
+
+
+def with_timeouts(url: str, connect: float, read: float) -> str:
+    """``url`` with Apprise's ``cto``/``rto`` parameters added; ones the URL already has win.
+    Apprise takes everything after the first ``?`` as its query, as this does."""
+    base, sep, query = url.partition("?")
+    given = {key.lower() for key in urllib.parse.parse_qs(query, keep_blank_values=True)}
+    extra = [
+        f"{key}={seconds:g}"
+        for key, seconds in ((_CONNECT_TIMEOUT, connect), (_READ_TIMEOUT, read))
+        if key not in given
+    ]
+    if not extra:
+        return url
+    return base + "?" + "&".join(([query] if sep and query else []) + extra)
 
 
 class _Channel:
+    """One chat URL and the Apprise object that delivers to it.
+
+    What a delivery attempt can know, without reaching into ``requests``: the truth value
+    of ``Apprise.notify`` (its documented result, in Apprise 1.x a bool and in 2.x an
+    ``AppriseResult``), which says whether the endpoint accepted the message. The HTTP status
+    appears only in the wording of a plugin's log line and the ``Retry-After`` header
+    nowhere, so neither is relied on: a refusal, 429 included, is retried with the same
+    exponential backoff as a dead endpoint. Apprise's Discord plugin honours Discord's
+    own rate-limit headers inside the call, and the notifier's rate limit
+    (``notify.rate_limit_per_minute``) keeps it well under the chat services' limits.
+    """
+
     def __init__(self, url: str, timeout: float) -> None:
         import apprise
 
         self.name = channel_of(url)
         self.apprise = apprise.Apprise()
-        if not self.apprise.add(url):
+        connect = min(timeout, _MAX_CONNECT_SECONDS)
+        if not self.apprise.add(with_timeouts(url, connect=connect, read=timeout)):
             raise ConfigError(
                 f"Apprise does not understand the {self.name}:// URL given for chat "
                 "notifications; see https://github.com/caronc/apprise/wiki for its form"
             )
-        for server in self.apprise:
-            server.socket_connect_timeout = min(timeout, 4.0)
-            server.socket_read_timeout = timeout
 
-    def send(self, message: Message) -> tuple[bool, float | None]:
-        """Deliver once. Returns (delivered, Retry-After seconds if the endpoint gave one)."""
+    def send(self, message: Message) -> bool:
+        """Deliver once; True when the endpoint accepted the message."""
         import apprise
 
         kind = {
@@ -201,29 +217,19 @@ class _Channel:
             Severity.WARNING: apprise.NotifyType.WARNING,
             Severity.CRITICAL: apprise.NotifyType.FAILURE,
         }[message.severity]
-        _capture.responses = []
         try:
-            # each plugin directly, on this thread: Apprise.notify may fan out to a pool,
-            # where this thread's response capture cannot see Retry-After
-            ok = all(
-                bool(server.notify(title=message.title, body=message.body, notify_type=kind))
-                for server in self.apprise
+            return bool(
+                self.apprise.notify(title=message.title, body=message.body, notify_type=kind)
             )
         except Exception as exc:  # a plugin bug must not kill the delivery thread
             log.warning("chat delivery to %s raised %s", self.name, type(exc).__name__)
-            ok = False
-        finally:
-            responses, _capture.responses = _capture.responses, None
-        retry = None
-        for status, headers in responses:
-            if status in (429, 503) or status >= 500:
-                retry = retry_after_seconds(headers)
-        return ok, retry
+            return False
 
 
 class ChatNotifier:
     """A :class:`~yoto.events.Sink`-shaped notifier (``write_event``) with delivery
-    counters for the exporter (``stats``)."""
+    counters for the exporter (``stats``). ``clock`` and ``rng`` (the backoff's jitter) are
+    for tests; a run uses the monotonic clock."""
 
     def __init__(
         self,
@@ -231,13 +237,14 @@ class ChatNotifier:
         cfg: NotifyConfig,
         run: Mapping[str, str] | None = None,
         link: str | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
-        _install_response_capture()
         self.cfg = cfg
         self.run = dict(run or {})
         self.link = link
-        self.clock = clock
+        self.clock = clock or MonotonicClock()
+        self._rng = rng or random.Random()
         self.channels = [_Channel(url, cfg.timeout_seconds) for url in urls]
         self._queue: collections.deque[Message] = collections.deque()
         self._cond = threading.Condition()
@@ -245,7 +252,7 @@ class ChatNotifier:
         self._drain_deadline = float("inf")
         self._seen: dict[tuple, float] = {}
         self._tokens = float(cfg.rate_limit_burst)
-        self._refilled = clock()
+        self._refilled = self.clock.now()
         self.sent: dict[str, int] = collections.Counter()
         self.failed: dict[str, int] = collections.Counter()
         self.dropped: dict[str, int] = collections.Counter()
@@ -270,7 +277,7 @@ class ChatNotifier:
             log.exception("chat notifier: could not queue an event")
 
     def enqueue(self, message: Message) -> bool:
-        now = self.clock()
+        now = self.clock.now()
         with self._cond:
             last = self._seen.get(message.key)
             if last is not None and now - last < self.cfg.dedup_seconds:
@@ -354,23 +361,14 @@ class ChatNotifier:
         notifier is closing and it stays queued."""
         pending = list(self.channels)
         delay = self.cfg.backoff_seconds
-        started = self.clock()
-        while pending:
-            for channel in list(pending):
-                ok, retry_after = channel.send(message)
-                if ok:
-                    self.sent[channel.name] += 1
-                    pending.remove(channel)
-                else:
-                    self.failed[channel.name] += 1
-                    log.warning("chat delivery to %s failed; will retry", channel.name)
-                    if retry_after is not None:
-                        delay = max(delay, min(retry_after, self.cfg.give_up_after_seconds))
+        started = self.clock.now()
+        while True:
+            pending = [channel for channel in pending if not self._send(channel, message)]
             if not pending:
                 return True
-            waited = self.clock() - started
             if self._closing and self._past_drain():
                 return False  # stays queued; close() counts and logs what is left
+            waited = self.clock.now() - started
             if waited >= self.cfg.give_up_after_seconds:
                 self.dropped["gave_up"] += 1
                 log.error(
@@ -380,12 +378,28 @@ class ChatNotifier:
                     message.title,
                 )
                 return True
-            with self._cond:
-                self._cond.wait(timeout=delay * random.uniform(0.8, 1.2))
+            self._back_off(delay)
             delay = min(delay * 2, self.cfg.max_backoff_seconds)
 
+    def _send(self, channel: _Channel, message: Message) -> bool:
+        if channel.send(message):
+            self.sent[channel.name] += 1
+            return True
+        self.failed[channel.name] += 1
+        log.warning("chat delivery to %s failed; will retry", channel.name)
+        return False
+
+    def _back_off(self, delay: float) -> None:
+        """Wait about ``delay`` (jittered, so that restarted runs do not retry in step);
+        close() cuts the wait short, and while draining it never passes the deadline."""
+        seconds = delay * self._rng.uniform(0.8, 1.2)
+        with self._cond:
+            if self._closing:
+                seconds = min(seconds, max(0.0, self._drain_deadline - self.clock.now()))
+            self.clock.wait(self._cond, seconds)
+
     def _past_drain(self) -> bool:
-        return self.clock() >= self._drain_deadline
+        return self.clock.now() >= self._drain_deadline
 
     def pending(self) -> int:
         with self._cond:
@@ -394,11 +408,11 @@ class ChatNotifier:
     def close(self, status: str = "", timeout: float | None = None) -> None:
         """Deliver what is queued, for up to ``notify.drain_seconds``, then stop."""
         timeout = self.cfg.drain_seconds if timeout is None else timeout
-        self._drain_deadline = self.clock() + timeout
+        self._drain_deadline = self.clock.now() + timeout
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout + 1.0)
+        self._thread.join(timeout + 1.0)  # real seconds: in case a request hangs
         left = self.pending()
         if left:
             self.dropped["gave_up"] += left

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus /metrics here (default live.metrics_addr, 127.0.0.1:9477; 0 = off)",
     )
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write TensorBoard event files under DIR (live.tensorboard; needs "
+        "pip install 'yoto[tensorboard]')",
+    )
 
     p = sub.add_parser("config", help="print the resolved configuration (validates it)")
     _add_config_args(p)
@@ -243,6 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.faults = [*cfg.faults, *args.inject]
     if args.metrics_addr is not None:
         cfg.live.metrics_addr = args.metrics_addr
+    if args.tensorboard is not None:
+        cfg.live.tensorboard = args.tensorboard
     preset = config_label(args)
     from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
 
@@ -258,12 +266,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def live_sinks(cfg: config_mod.Config, preset: str) -> list[Any]:
-    """The Prometheus exporter (listening when this returns: a busy port is an error
-    before the run directory exists) and the chat notifier; made on rank 0 only."""
+    """The TensorBoard writer, the Prometheus exporter (listening when this returns: a busy
+    port is an error before the run directory exists) and the chat notifier; made on rank
+    0 only."""
     from yoto.alerts.notifier import ChatNotifier, resolve_urls
     from yoto.dashboards.live.exporter import Exporter, parse_addr
+    from yoto.dashboards.live.tensorboard import TensorBoardSink
 
-    sinks: list[Any] = []
+    sinks: list[Any] = [TensorBoardSink(cfg.live.tensorboard)] if cfg.live.tensorboard else []
     urls = resolve_urls(cfg.notify)
     notifier = ChatNotifier(urls, cfg.notify, link=cfg.notify.link) if urls else None
     addr = parse_addr(cfg.live.metrics_addr)

@@ -347,7 +347,8 @@ class PolicyConfig(Section):
 
 
 class LiveConfig(Section):
-    """The Prometheus exporter on rank 0 (dashboards/live/exporter.py)."""
+    """The live sinks on rank 0: the Prometheus exporter (dashboards/live/exporter.py) and
+    TensorBoard event files (dashboards/live/tensorboard.py)."""
 
     metrics_addr: str = Field(
         "127.0.0.1:9477",
@@ -365,6 +366,11 @@ class LiveConfig(Section):
         ge=0,
         description="at the end, keep /metrics up until one more scrape (at most this "
         "long; only when something has been scraping) so Prometheus sees the run end",
+    )
+    tensorboard: str = Field(
+        "",
+        description="folder for TensorBoard event files, one TensorBoard run per attempt "
+        "(DIR/<run id>/attempt-N); empty: off. Needs pip install 'yoto[tensorboard]'",
     )
 
 

@@ -1,25 +1,99 @@
-"""The chat notifier against a real local HTTP receiver, through Apprise's json:// plugin."""
+"""The chat notifier against a real local HTTP receiver, through Apprise's json:// plugin.
+
+Time is a :class:`ManualClock` that the test moves: the notifier's backoff waits block on
+it until the test advances it, and every wait it asked for is recorded, so retries,
+backoff, give-up and the rate limit are asserted on the clock, never on the wall."""
 
 from __future__ import annotations
 
 import logging
-import time
+import random
+import socket
+import threading
 
 import pytest
+import requests
 
 from tests.integration.servers import Receiver
 from yoto import catalog
-from yoto.alerts.notifier import ChatNotifier, channel_of, resolve_urls, retry_after_seconds
+from yoto.alerts.notifier import ChatNotifier, channel_of, resolve_urls, with_timeouts
 from yoto.config import REDACTED, NotifyConfig
 from yoto.errors import ConfigError
 from yoto.events import Event, EventKind, Severity
 
 RUN = {"run": "20261128-demo-ab12", "name": "demo"}
+HANG = 20.0  # real seconds that only bound a hang: a passing test never waits this long
+SEED = 7
+
+
+class ManualClock:
+    """The notifier's :class:`~yoto.alerts.notifier.Clock`, moved by the test.
+
+    A wait blocks until :meth:`advance` carries the clock past its end (or the notifier
+    notifies its condition, as close() does); with ``free_running`` set, a wait instead
+    moves the clock by the seconds asked and returns at once. Every wait is recorded."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.start = start
+        self._now = start
+        self.waits: list[float] = []
+        self.free_running = False
+        self._lock = threading.Condition()
+        self._waiting_on: set[threading.Condition] = set()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def wait(self, cond: threading.Condition, seconds: float) -> None:
+        with self._lock:
+            self.waits.append(seconds)
+            self._lock.notify_all()
+            if self.free_running:
+                self._now += seconds
+                return
+            end = self._now + seconds
+            self._waiting_on.add(cond)
+        if self.now() < end:
+            cond.wait()  # the caller holds cond; advance() notifies it
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+            conds = list(self._waiting_on)
+        for cond in conds:
+            with cond:
+                cond.notify_all()
+
+    def run_free(self) -> None:
+        """From now on waits take no real time (for close(), which drains on this clock)."""
+        self.free_running = True
+        self.advance(0.0)  # wake a wait in progress
+
+    def wait_until_waiting(self, count: int) -> list[float]:
+        """The waits asked for, once there are ``count`` of them (a bounded real wait)."""
+        with self._lock:
+            self._lock.wait_for(lambda: len(self.waits) >= count, timeout=HANG)
+            assert len(self.waits) >= count, f"the notifier began {len(self.waits)} waits"
+            return list(self.waits)
+
+
+def backoff_waits(conf: NotifyConfig, count: int) -> list[float]:
+    """The jittered backoff the notifier asks for, replayed from the same seed."""
+    rng, delay, out = random.Random(SEED), conf.backoff_seconds, []
+    for _ in range(count):
+        out.append(delay * rng.uniform(0.8, 1.2))
+        delay = min(delay * 2, conf.max_backoff_seconds)
+    return out
 
 
 def cfg(**overrides) -> NotifyConfig:
     base = {"backoff_seconds": 0.2, "max_backoff_seconds": 0.5, "drain_seconds": 10.0}
     return NotifyConfig(**{**base, **overrides})
+
+
+def notifier_for(urls: list[str], conf: NotifyConfig, clock: ManualClock, **kw) -> ChatNotifier:
+    return ChatNotifier(urls, conf, RUN, clock=clock, rng=random.Random(SEED), **kw)
 
 
 def json_url(receiver: Receiver) -> str:
@@ -40,11 +114,13 @@ def rollback(step: int, onset: int | None = None) -> Event:
 def test_message_says_run_step_what_happened_what_was_done_and_links() -> None:
     receiver = Receiver().up()
     try:
-        notifier = ChatNotifier(
-            [json_url(receiver)], cfg(), RUN, link="http://grafana/d/yoto?var-run={run}"
+        clock = ManualClock()
+        notifier = notifier_for(
+            [json_url(receiver)], cfg(), clock, link="http://grafana/d/yoto?var-run={run}"
         )
         notifier.notify(rollback(305))
         notifier.close()
+        assert clock.waits == []  # accepted at the first attempt: no backoff
         ((_, body),) = receiver.received
         text = body["title"] + "\n" + body["message"]
         for expected in (
@@ -56,7 +132,9 @@ def test_message_says_run_step_what_happened_what_was_done_and_links() -> None:
             "http://grafana/d/yoto?var-run=20261128-demo-ab12",
         ):
             assert expected in text, (expected, text)
-        assert notifier.stats()[catalog.ALERTS_SENT.key(channel="json")] == 1
+        stats = notifier.stats()
+        assert stats[catalog.ALERTS_SENT.key(channel="json")] == 1
+        assert stats[catalog.ALERTS_FAILED.key(channel="json")] == 0
     finally:
         receiver.down()
 
@@ -65,68 +143,177 @@ def test_receiver_down_then_back_loses_nothing_and_notify_never_blocks(caplog) -
     receiver = Receiver()  # not listening yet: connection refused
     caplog.set_level(logging.DEBUG)
     secret_url = f"json://user:hunter2@127.0.0.1:{receiver.port}/hook"
-    notifier = ChatNotifier([secret_url], cfg(give_up_after_seconds=60), RUN)
+    conf, clock = cfg(give_up_after_seconds=60), ManualClock()
+    notifier = notifier_for([secret_url], conf, clock)
     for step in range(10):
         notifier.notify(rollback(100 + step))  # distinct onsets: no de-duplication
-    assert notifier.pending() >= 9  # queued, not delivered, and notify() came back
-    time.sleep(1.0)  # a few failed attempts with backoff
-    assert notifier.failed["json"] >= 1 and not receiver.received
+    assert notifier.pending() == 10  # queued, not delivered, and notify() came back
+    for refused in (1, 2, 3):  # each refused attempt is followed by a backoff
+        waits = clock.wait_until_waiting(refused)
+        assert notifier.failed["json"] == refused and notifier.sent["json"] == 0
+        assert not receiver.received and notifier.pending() == 10
+        if refused < 3:
+            clock.advance(waits[-1])
+    assert waits == pytest.approx(backoff_waits(conf, 3))  # doubled, capped, jittered
     receiver.up()
     try:
-        got = receiver.wait_for(10, timeout=20)
+        clock.advance(waits[-1])  # the third backoff ends: the endpoint is back
+        got = receiver.wait_for(10, timeout=HANG)
         assert [b["title"].split(" at step ")[1] for _, b in got] == [
             str(100 + s) for s in range(10)
         ]  # all of them, in order
         notifier.close()
+        assert len(clock.waits) == 3  # no backoff once it was back
+        assert notifier.sent["json"] == 10 and notifier.failed["json"] == 3
         assert notifier.dropped["gave_up"] == 0 and notifier.dropped["queue_full"] == 0
         assert "hunter2" not in caplog.text  # the URL's secret is never logged
     finally:
         receiver.down()
 
 
-def test_retry_after_is_honoured() -> None:
+def test_refused_delivery_is_retried_after_the_backoff() -> None:
+    """A 429 is a refusal like any other: Apprise reports it as a failed notify and keeps
+    the response (its Retry-After included) to itself, so the backoff decides the retry."""
     receiver = Receiver().up()
     receiver.reply.append((429, {"Retry-After": "1"}))
+    conf, clock = cfg(), ManualClock()
     try:
-        notifier = ChatNotifier([json_url(receiver)], cfg(backoff_seconds=0.05), RUN)
-        start = time.monotonic()
+        notifier = notifier_for([json_url(receiver)], conf, clock)
         notifier.notify(rollback(1))
-        got = receiver.wait_for(1, timeout=10)
-        elapsed = time.monotonic() - start
+        (wait,) = clock.wait_until_waiting(1)
+        assert wait == pytest.approx(backoff_waits(conf, 1)[0])
+        assert receiver.requests == 1 and not receiver.received
+        assert notifier.failed["json"] == 1 and notifier.sent["json"] == 0
+        clock.advance(wait)
+        got = receiver.wait_for(1, timeout=HANG)
         notifier.close()
-        assert got and receiver.requests == 2
-        assert elapsed >= 0.8, f"retried after {elapsed:.2f} s despite Retry-After: 1"
+        assert got and receiver.requests == 2 and clock.waits == [wait]
+        assert notifier.sent["json"] == 1 and notifier.failed["json"] == 1
     finally:
         receiver.down()
 
 
+def test_gives_up_on_a_message_after_give_up_after_seconds() -> None:
+    receiver = Receiver()  # down for good
+    conf, clock = cfg(give_up_after_seconds=1.0), ManualClock()
+    planned = backoff_waits(conf, 10)
+    # the attempt after the n-th backoff is the last: by then 1 s of the clock has passed
+    backoffs = next(n for n in range(1, 11) if sum(planned[:n]) >= conf.give_up_after_seconds)
+    notifier = notifier_for([json_url(receiver)], conf, clock)
+    notifier.notify(rollback(1))
+    for n in range(1, backoffs + 1):
+        waits = clock.wait_until_waiting(n)
+        assert notifier.dropped["gave_up"] == 0 and notifier.pending() == 1
+        clock.advance(waits[-1])
+    notifier.close()  # returns once the delivery thread has given up: nothing is left
+    assert clock.waits == pytest.approx(planned[:backoffs])
+    assert clock.now() - clock.start >= conf.give_up_after_seconds
+    assert notifier.failed["json"] == backoffs + 1
+    assert notifier.dropped["gave_up"] == 1 and notifier.pending() == 0
+
+
+class SilentEndpoint:
+    """Accepts connections (the kernel's backlog) and never answers: a hung webhook."""
+
+    def __enter__(self) -> int:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_a_hung_endpoint_times_out_through_apprise_and_is_retried() -> None:
+    conf, clock = cfg(timeout_seconds=0.3), ManualClock()
+    with SilentEndpoint() as port:
+        notifier = notifier_for([f"json://127.0.0.1:{port}/hook"], conf, clock)
+        (server,) = notifier.channels[0].apprise
+        assert (server.socket_connect_timeout, server.socket_read_timeout) == (0.3, 0.3)
+        notifier.notify(rollback(1))
+        clock.wait_until_waiting(1)  # the attempt came back (failed) instead of hanging
+        assert notifier.failed["json"] == 1 and notifier.sent["json"] == 0
+        clock.run_free()
+        notifier.close(timeout=0.0)
+    assert notifier.dropped["gave_up"] == 1  # undelivered at the end, and counted
+
+
+def test_timeouts_travel_as_apprise_url_parameters() -> None:
+    assert with_timeouts("json://h:1/x", 4, 10) == "json://h:1/x?cto=4&rto=10"
+    assert with_timeouts("json://h/x?method=PUT", 4, 0.5) == "json://h/x?method=PUT&cto=4&rto=0.5"
+    assert with_timeouts("json://h/x?RTO=7&cto=2", 4, 10) == "json://h/x?RTO=7&cto=2"  # theirs
+    notifier = ChatNotifier(["json://127.0.0.1:9/x?rto=7"], cfg(timeout_seconds=10), RUN)
+    (server,) = notifier.channels[0].apprise
+    assert (server.socket_connect_timeout, server.socket_read_timeout) == (4.0, 7.0)
+    notifier.close()
+
+
+def test_the_notifier_leaves_requests_alone() -> None:
+    """No process-wide patch: every other user of requests keeps requests' own code."""
+    send, request = requests.Session.send, requests.request
+    receiver = Receiver().up()
+    try:
+        notifier = notifier_for([json_url(receiver)], cfg(), ManualClock())
+        notifier.notify(rollback(1))
+        notifier.close()
+        assert receiver.received
+    finally:
+        receiver.down()
+    assert requests.Session.send is send and requests.request is request
+    assert requests.Session.send.__module__ == "requests.sessions"
+
+
 def test_duplicates_rate_limit_and_bounded_queue() -> None:
     receiver = Receiver()  # down: everything stays queued
-    notifier = ChatNotifier(
+    clock = ManualClock()
+    notifier = notifier_for(
         [json_url(receiver)],
         cfg(queue_size=4, rate_limit_burst=100, give_up_after_seconds=0.5),
-        RUN,
+        clock,
     )
     notifier.notify(rollback(10, onset=7))
     notifier.notify(rollback(11, onset=7))  # same incident: once
     assert notifier.dropped["duplicate"] == 1
     for step in range(20, 30):
         notifier.notify(rollback(step))
-    assert notifier.pending() <= 4 and notifier.dropped["queue_full"] >= 6
+    assert notifier.pending() == 4 and notifier.dropped["queue_full"] == 7
     critical = Event(50, 0, EventKind.HALT, Severity.CRITICAL, "halted", {"reason": "budget"})
     notifier.notify(critical)
     assert any(m.severity == Severity.CRITICAL for m in notifier._queue)
+    clock.run_free()
     notifier.close(timeout=0.5)
 
-    limited = ChatNotifier(
-        [json_url(receiver)], cfg(rate_limit_burst=2, rate_limit_per_minute=1), RUN
+    clock = ManualClock()
+    limited = notifier_for(
+        [json_url(receiver)], cfg(rate_limit_burst=2, rate_limit_per_minute=1), clock
     )
     for step in range(5):
         limited.notify(rollback(step))
     limited.notify(critical)  # critical messages are never rate-limited
     assert limited.dropped["rate_limited"] == 3
     assert limited.pending() == 3
+    clock.advance(60.0)  # one minute at one a minute: one more token
+    limited.notify(rollback(100))
+    limited.notify(rollback(101))
+    assert limited.dropped["rate_limited"] == 4 and limited.pending() == 4
+    clock.run_free()
     limited.close(timeout=0.1)
+
+
+def test_duplicates_come_again_after_dedup_seconds() -> None:
+    receiver = Receiver()  # down
+    clock = ManualClock()
+    notifier = notifier_for([json_url(receiver)], cfg(dedup_seconds=600), clock)
+    notifier.notify(rollback(10, onset=7))
+    clock.advance(599.0)
+    notifier.notify(rollback(11, onset=7))
+    assert notifier.dropped["duplicate"] == 1 and notifier.pending() == 1
+    clock.advance(1.0)  # ten minutes after the first: the same incident may be told again
+    notifier.notify(rollback(12, onset=7))
+    assert notifier.dropped["duplicate"] == 1 and notifier.pending() == 2
+    clock.run_free()
+    notifier.close(timeout=0.1)
 
 
 def test_filters_by_severity_and_kind() -> None:
@@ -151,14 +338,6 @@ def test_urls_from_env_and_file_and_errors(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not understand"):
         ChatNotifier(["nosuchscheme://x"], cfg(), RUN)
     assert channel_of("jsons://u:p@h/x") == "json" and channel_of("slack://T/B/C") == "slack"
-
-
-def test_retry_after_forms() -> None:
-    assert retry_after_seconds({"Retry-After": "7"}) == 7.0
-    now = 1_700_000_000.0
-    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
-    assert retry_after_seconds({"retry-after": date}, now=now) == pytest.approx(30, abs=1)
-    assert retry_after_seconds({}) is None
 
 
 def test_yoto_alerts_test_command(capsys) -> None:
