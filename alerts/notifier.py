@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from yoto import catalog
 from yoto.config import REDACTED, NotifyConfig
 from yoto.errors import ConfigError
-from yoto.events import Event, EventKind, Severity
+from yoto.events import Event, EventKind, Rollback, Severity
 
 log = logging.getLogger("yoto.notify")
 
@@ -106,9 +106,10 @@ def what_the_policy_did(event: Event) -> str:
     data = event.data
     kind = event.kind
     if kind == EventKind.ROLLBACK:
+        done = Rollback.from_data(data)
         return (
-            f"rolled back to step {data.get('to_step', '?')}, skipped "
-            f"{data.get('skipped_batches', '?')} batches (attempt {event.attempt})"
+            f"rolled back to step {done.to_step}, skipped {done.skipped_batches} batches "
+            f"(attempt {done.attempt})"
         )
     if kind == EventKind.HALT:
         return f"halted the run. {data.get('advice', '')}".strip()

@@ -146,13 +146,14 @@ class Trainer:
             if self.history.halted:
                 status = "halted"
                 break
-            if self.info.is_main:
+            if self.info.is_main:  # the step trained, which a rollback has since undone
+                trained = int(values[catalog.STEPS.name])
                 progress.update(
                     self.branch.step,
                     values[catalog.TRAIN_LOSS.name],
                     values[catalog.THROUGHPUT.name],
                 )
-                self._report_eval(progress, values)
+                self._report_eval(progress, trained, values)
             self._collect_checkpoints()
             every = cfg.checkpoint.every
             if every and self.branch.step % every == 0 and self.branch.step < cfg.train.steps:
@@ -541,7 +542,7 @@ class Trainer:
         values, _ = self.runner.flush()
         return values
 
-    def _report_eval(self, progress: Progress, values: dict[str, float]) -> None:
+    def _report_eval(self, progress: Progress, step: int, values: dict[str, float]) -> None:
         val = {
             catalog.parse_series_key(k)[1]["source"]: v
             for k, v in values.items()
@@ -549,7 +550,7 @@ class Trainer:
         }
         if val:
             parts = ", ".join(f"{src} {v:.4f}" for src, v in val.items())
-            progress.note(f"step {self.branch.step}: val loss {parts}")
+            progress.note(f"step {step}: val loss {parts}")
 
     # --- checkpoints ----------------------------------------------------------------------
 

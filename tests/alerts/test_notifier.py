@@ -19,7 +19,7 @@ from yoto import catalog
 from yoto.alerts.notifier import ChatNotifier, channel_of, resolve_urls, with_timeouts
 from yoto.config import REDACTED, NotifyConfig
 from yoto.errors import ConfigError
-from yoto.events import Event, EventKind, Severity
+from yoto.events import Event, EventKind, Reason, Rollback, Severity
 
 RUN = {"run": "20261128-demo-ab12", "name": "demo"}
 HANG = 20.0  # real seconds that only bound a hang: a passing test never waits this long
@@ -107,7 +107,15 @@ def rollback(step: int, onset: int | None = None) -> Event:
         EventKind.ROLLBACK,
         Severity.WARNING,
         f"rolled back from step {step} to step 200",
-        {"to_step": 200, "skipped_batches": 150, "onset": onset or step, "reason": "spike"},
+        Rollback(
+            from_step=step,
+            to_step=200,
+            onset=onset or step,
+            reason=Reason.SPIKE,
+            from_attempt=0,
+            attempt=1,
+            skipped_batches=150,
+        ).to_data(),
     )
 
 
