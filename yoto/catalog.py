@@ -44,6 +44,11 @@ class Metric:
 
 CATALOG: dict[str, Metric] = {}
 
+# The Prometheus scrape job of the trainers' rank-0 /metrics: Prometheus adds it to every
+# series as the ``job`` label, the dashboards' and alert rules' queries select on it, and
+# the scrape configs under deploy/ name their job so (a test holds them to this name).
+SCRAPE_JOB = "yoto"
+
 
 def _metric(
     name: str,
