@@ -122,6 +122,9 @@ def test_the_scrape_job_is_named_once_in_the_catalog():
     assert selected in rules_text
     for text in (*dashboards, rules_text):
         assert set(said.findall(text)) <= {catalog.SCRAPE_JOB}, text
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    named = re.findall(r"job `([^`]*)`", readme)
+    assert named and set(named) == {catalog.SCRAPE_JOB}
 
 
 def _bind_mounts(service: dict) -> dict[str, str]:
