@@ -20,10 +20,10 @@ import yaml
 
 from yoto import catalog
 from yoto.config import Config
+from yoto.events import EventKind, Severity
 
 RULES_FILE = Path("deploy/prometheus/rules/yoto-rules.yml")
 GROUP = "yoto-training"
-JOB = "yoto"  # the scrape job of trainers in deploy/prometheus/prometheus.yml
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +144,7 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
         Rule(
             "YotoMetricsAbsent",
             # a run that ended on purpose said so in its last scrape; a crash did not
-            f'up{{job="{JOB}"}} == 0\nunless on (instance, job) '
+            f'up{{job="{m.SCRAPE_JOB}"}} == 0\nunless on (instance, job) '
             f"last_over_time({m.RUN_ENDED.name}[1h]) == 1",
             "critical",
             "Trainer metrics absent: {{ $labels.instance }}",
@@ -157,7 +157,10 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
             "YotoSpectraOutOfBand",
             # the probe's own verdict (a spectra event at warning): it knows which
             # matrices are large enough for a power-law fit to mean something
-            _per_run(f'increase({m.EVENTS.name}{{kind="spectra",severity="warning"}}[30m]) > 0'),
+            _per_run(
+                f"increase({m.EVENTS.name}"
+                f'{{kind="{EventKind.SPECTRA}",severity="{Severity.WARNING}"}}[30m]) > 0'
+            ),
             "warning",
             "Layer spectra out of band in " + where,
             f"weightwatcher alpha left [{spectra.alpha_low:g}, {spectra.alpha_high:g}] for "

@@ -9,6 +9,7 @@
     yoto spectra RUN_DIR --step S [--no-write] [--json]
     yoto sample RUN_DIR [--prompt TEXT] [--step S] [--tokens N]
     yoto dashboards build --out DIR | push --url URL [--folder NAME]   # Grafana, from the catalog
+               [--preset NAME | --config FILE] [--set key=value ...]   # probe thresholds
     yoto sweep --grid KEY=V1,V2 [--grid ...] [--preset NAME] [--set ...] [--budget B]
     yoto scaling fit RUNS... | --table CSV [--law auto|kaplan|chinchilla] [--source S]
     yoto explore [RUN_DIR_OR_ROOT ...] [--port N]                 # Streamlit post-mortem
@@ -148,24 +149,27 @@ def _add_dashboards_parser(sub: Any) -> None:
     dash_sub = p.add_subparsers(dest="dashboards_command", required=True)
     b = dash_sub.add_parser("build", help="write the dashboard JSON files")
     b.add_argument("--out", required=True, metavar="DIR", help="e.g. deploy/grafana/dashboards")
+    _add_config_args(b)  # thresholds that follow the probes (the spectra alpha band)
     u = dash_sub.add_parser(
         "push", help="create/overwrite the dashboards in a live Grafana (GRAFANA_TOKEN from env)"
     )
     u.add_argument("--url", required=True, help="Grafana base URL, e.g. http://localhost:3000")
     u.add_argument("--folder", metavar="NAME", help="Grafana folder (created if missing)")
+    _add_config_args(u)
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
     from yoto.dashboards.live import grafana
 
     if args.dashboards_command == "build":
-        for path in grafana.write_all(args.out):
+        for path in grafana.write_all(args.out, resolve_config(args)):
             print(path)
         return 0
     from yoto.dashboards.live import provision
 
     credential = provision.credential_from_env()
-    uids = provision.push(args.url, grafana.build_all(), credential, folder=args.folder)
+    boards = grafana.build_all(resolve_config(args))
+    uids = provision.push(args.url, boards, credential, folder=args.folder)
     print(f"pushed {len(uids)} dashboards to {provision.public_url(args.url)}: {', '.join(uids)}")
     return 0
 

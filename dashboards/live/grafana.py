@@ -23,6 +23,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
 from yoto import catalog as c
+from yoto.config import Config
 from yoto.dashboards.live import promql
 from yoto.dashboards.live.panels import (
     DATASOURCE,
@@ -30,16 +31,15 @@ from yoto.dashboards.live.panels import (
     Query,
     age,
     custom,
+    describe,
     events,
-    grafana_unit,
     per_second,
     render,
     value,
 )
+from yoto.dashboards.units import grafana_unit
 from yoto.events import EventKind
 
-# The Prometheus job that scrapes trainers (deploy/prometheus/prometheus.yml uses it too).
-SCRAPE_JOB = "yoto"
 TAG = "yoto"
 REFRESH = "30s"
 
@@ -90,7 +90,7 @@ def _bars(*queries: Query, **kw: Any) -> PanelSpec:
 
 def _overview() -> Board:
     up = custom(
-        promql.selector("up", job=SCRAPE_JOB),
+        promql.selector("up", job=c.SCRAPE_JOB),
         "{{instance}}",
         (),
         grafana_unit(""),
@@ -259,7 +259,28 @@ def _precision() -> Board:
     )
 
 
-def _layers() -> Board:
+def _alpha_gauge(cfg: Config) -> PanelSpec:
+    """Latest alpha per layer against the spectra probe's healthy band (from the config
+    the dashboards are built from: the band the probe warns on is the band drawn)."""
+    band = cfg.probes.spectra
+    latest = value(c.WEIGHT_ALPHA, agg="max")
+    return PanelSpec(
+        "bargauge",
+        (latest,),
+        title="Weight alpha per layer (latest)",
+        description=describe((latest,))
+        + f"\n\nHealthy band {band.alpha_low:g} ≤ alpha ≤ {band.alpha_high:g} (probes.spectra):"
+        " below, over-trained or heavy-tailed (red); above, under-trained or a bad fit (orange).",
+        # below the band red, inside green, above orange
+        thresholds=((None, "red"), (band.alpha_low, "green"), (band.alpha_high, "orange")),
+        min=0,
+        max=max(10, band.alpha_high + 2),  # the band stays on the scale
+        width=12,
+        height=18,
+    )
+
+
+def _layers(cfg: Config) -> Board:
     layers = Section(
         "Per-layer statistics",
         (
@@ -275,17 +296,7 @@ def _layers() -> Board:
     spectra = Section(
         "Spectra (weightwatcher)",
         (
-            PanelSpec(
-                "bargauge",
-                (value(c.WEIGHT_ALPHA, agg="max"),),
-                title="Weight alpha per layer (latest)",
-                # weightwatcher's healthy band: below 2 over-trained, above 6 under-trained
-                thresholds=((None, "red"), (2, "green"), (6, "orange")),
-                min=0,
-                max=10,
-                width=12,
-                height=18,
-            ),
+            _alpha_gauge(cfg),
             _heat(c.WEIGHT_ALPHA, title="Weight alpha per layer"),
             _heat(c.WEIGHT_ALPHA_WEIGHTED, title="Weighted alpha per layer"),
             _heat(c.WEIGHT_STABLE_RANK, title="Stable rank per layer"),
@@ -357,9 +368,12 @@ def _annotations() -> tuple[Annotation, ...]:
     )
 
 
-def boards() -> tuple[Board, ...]:
-    """The curated dashboards, with unplaced catalog metrics appended to the Overview."""
-    curated = (_overview(), _stability(), _precision(), _layers(), _data())
+def boards(cfg: Config | None = None) -> tuple[Board, ...]:
+    """The curated dashboards, with unplaced catalog metrics appended to the Overview.
+    ``cfg`` gives the thresholds that follow the probes (the spectra alpha band);
+    the defaults when None."""
+    cfg = cfg or Config()
+    curated = (_overview(), _stability(), _precision(), _layers(cfg), _data())
     shown = {m.name for b in curated for s in b.sections for p in s.panels for m in p.metrics}
     extra = tuple(_generic(m) for m in c.CATALOG.values() if m.name not in shown)
     if not extra:
@@ -460,9 +474,9 @@ def build(board: Board) -> dict[str, Any]:
     return data
 
 
-def build_all() -> dict[str, dict[str, Any]]:
-    """File name -> dashboard JSON for every yoto dashboard."""
-    return {board.file: build(board) for board in boards()}
+def build_all(cfg: Config | None = None) -> dict[str, dict[str, Any]]:
+    """File name -> dashboard JSON for every yoto dashboard (thresholds from ``cfg``)."""
+    return {board.file: build(board) for board in boards(cfg)}
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -470,11 +484,11 @@ def dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_all(out_dir: str | Path) -> list[Path]:
+def write_all(out_dir: str | Path, cfg: Config | None = None) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, data in sorted(build_all().items()):
+    for name, data in sorted(build_all(cfg).items()):
         path = out / name
         path.write_text(dumps(data), encoding="utf-8")
         written.append(path)

@@ -1,8 +1,9 @@
 """Panels described from the catalog, then rendered with grafana-foundation-sdk builders.
 
 A :class:`Query` carries the catalog metrics it reads and the Grafana unit its values
-have; a :class:`PanelSpec` gets its title, unit and description from those entries unless
-the layout says otherwise. Only :func:`render` knows the SDK.
+have (from :mod:`yoto.dashboards.units`, the table the explorer shares); a
+:class:`PanelSpec` gets its title, unit and description from those entries unless the
+layout says otherwise. Only :func:`render` knows the SDK.
 """
 
 from __future__ import annotations
@@ -19,30 +20,11 @@ from grafana_foundation_sdk.models import heatmap as hm
 
 from yoto.catalog import Metric
 from yoto.dashboards.live import promql
-
-# Catalog unit -> Grafana unit id. "count:X" scales like "short" (K, M) and appends X;
-# "suffix:X" only appends. A catalog unit missing here fails the tests, not Grafana.
-UNITS = {
-    "": "short",
-    "nats": "suffix: nats",
-    "seconds": "s",
-    "tokens": "count:tok",
-    "tokens_per_second": "count:tok/s",
-    "ratio": "percentunit",
-    "samples": "count:samples",
-    "log2": "suffix: log2",
-    "steps": "count:steps",
-}
+from yoto.dashboards.units import grafana_unit
 
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 Kind = Literal["timeseries", "stat", "heatmap", "bargauge"]
-
-
-def grafana_unit(catalog_unit: str) -> str:
-    if catalog_unit not in UNITS:
-        raise KeyError(f"no Grafana unit for catalog unit {catalog_unit!r}; add it to UNITS")
-    return UNITS[catalog_unit]
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,9 @@ import altair as alt
 import pandas as pd
 
 from yoto import catalog
+from yoto.dashboards import units
+from yoto.events import EventKind, Severity
 
-UNITS = {
-    "nats": "nats",
-    "tokens": "tokens",
-    "seconds": "s",
-    "tokens_per_second": "tokens/s",
-    "ratio": "fraction",
-    "samples": "sequences",
-    "bits": "bits",
-    "steps": "steps",
-}
 # how a person says the unitless ones
 PLAIN = {
     catalog.GRAD_NORM.name: "grad norm (L2, before clipping)",
@@ -30,15 +22,30 @@ PLAIN = {
     catalog.ACTIVATION_RMS.name: "activation RMS",
     catalog.WEIGHT_ALPHA.name: "power-law alpha",
 }
-KIND_COLORS = {
-    "spike": "#e45756",
-    "overflow": "#f58518",
-    "rollback": "#4c78a8",
-    "batch_size": "#72b7b2",
-    "alert": "#b279a2",
-    "fault_injected": "#000000",
-    "halt": "#9d755d",
+# The event kinds the charts mark, in lane order, each with its colour: the one list
+# (the Timeline's markers, its events table's default filter, the markers' budget).
+# Colours no attempt line uses (ATTEMPT_COLORS), so a marker never reads as data.
+MARKED: dict[EventKind, str] = {
+    EventKind.FAULT_INJECTED: "#000000",
+    EventKind.SPIKE: "#d62728",
+    EventKind.OVERFLOW: "#e377c2",
+    EventKind.ALERT: "#e6a100",
+    EventKind.ROLLBACK: "#9467bd",
+    EventKind.BATCH_SIZE: "#6f6f6f",
+    EventKind.HALT: "#5c0011",
 }
+UNMARKED_COLOR = "#888888"
+MAX_MARKERS = 500  # event markers per chart; the events table lists them all
+
+
+def markers(events: pd.DataFrame, limit: int = MAX_MARKERS) -> pd.DataFrame:
+    """The events drawn on charts: the kinds that explain a run, most severe first when
+    there are more than ``limit``."""
+    marked = events[events.kind.isin(list(MARKED))]
+    if len(marked) <= limit:
+        return marked
+    rank = marked.severity.map({Severity.CRITICAL: 0, Severity.WARNING: 1}).fillna(2)
+    return marked.assign(_r=rank).sort_values(["_r", "step"]).head(limit).drop(columns="_r")
 
 
 def title(key: str) -> str:
@@ -49,12 +56,57 @@ def title(key: str) -> str:
         return key
     metric = catalog.CATALOG.get(name)
     base = PLAIN.get(name) or name.removeprefix("yoto_").replace("_", " ")
-    for suffix in (" total", " seconds", " tokens per second", " ratio", " nats", " bits"):
-        base = base.removesuffix(suffix)
+    shown = units.unit(metric.unit) if metric else None
+    unit = shown.axis if shown else ""
+    base = base.removesuffix(" total")
+    if shown and shown.restated_in_name:  # the parentheses say it
+        base = base.removesuffix(" " + metric.unit.replace("_", " "))
     if labels:
         base += ", " + ", ".join(labels.values())
-    unit = UNITS.get(metric.unit) if metric else None
     return f"{base} ({unit})" if unit and f"({unit})" not in base else base
+
+
+SURVIVING, ABANDONED = "surviving", "abandoned"
+# Abandoned branches are drawn at full strength and dashed: what an attempt did before a
+# rollback is the evidence, not a footnote. The dash is long enough to read at any zoom.
+BRANCH_DASH = alt.Scale(domain=[SURVIVING, ABANDONED], range=[[1, 0], [6, 3]])
+# attempts in clearly different hues that no event marker uses
+ATTEMPT_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#8c564b", "#bcbd22", "#aec7e8"]
+POINTS_UP_TO = 300  # an abandoned branch with at most this many points has them drawn
+LANE_PX = 16  # height of one event kind's lane in the marker strip
+
+
+def _pieces(frame: pd.DataFrame, color: str) -> pd.DataFrame:
+    """One line per piece: the surviving branch is one line across attempts, each
+    abandoned piece its own (and one per run when runs are overlaid)."""
+    attempt = frame.attempt.astype(str).where(frame.branch != SURVIVING, "")
+    piece = frame.series + " a" + attempt + frame.branch
+    if color in frame and color not in ("series", "attempt", "branch"):
+        piece = piece + " " + frame[color].astype(str)
+    return frame.assign(piece=piece)
+
+
+def _branch_dash(frame: pd.DataFrame) -> alt.StrokeDash:
+    both = frame.branch.nunique() > 1
+    legend = None
+    if both:
+        legend = alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolStrokeColor="#444")
+    return alt.StrokeDash("branch:N", scale=BRANCH_DASH, title="branch", legend=legend)
+
+
+def _line_tooltip(x_title: str, y_title: str) -> list[alt.Tooltip]:
+    return [
+        alt.Tooltip("series:N"),
+        alt.Tooltip("attempt:Q"),
+        alt.Tooltip("branch:N"),
+        alt.Tooltip("x:Q", title=x_title, format=",.0f"),
+        alt.Tooltip("value:Q", title=y_title, format=".5g"),
+    ]
+
+
+def _y(y_title: str, log_y: bool, zero: bool = False) -> alt.Y:
+    scale = alt.Scale(type="log" if log_y else "linear", zero=zero and not log_y)
+    return alt.Y("value:Q", title=y_title, scale=scale)
 
 
 def lines(
@@ -67,13 +119,8 @@ def lines(
     height: int = 260,
     zero: bool = False,
 ) -> alt.Chart:
-    """One line per (series, attempt, branch); abandoned branches faded and dashed."""
-    # the surviving branch is one line across attempts; each abandoned piece its own
-    attempt = frame.attempt.astype(str).where(frame.branch != "surviving", "")
-    piece = frame.series + " a" + attempt + frame.branch
-    if color in frame and color not in ("series", "attempt", "branch"):
-        piece = piece + " " + frame[color].astype(str)  # runs overlaid: one line each
-    frame = frame.assign(piece=piece)
+    """One line per (series, attempt, branch); abandoned branches dashed."""
+    frame = _pieces(frame, color)
     zoom = alt.selection_interval(bind="scales", encodings=["x"])
     sparse = len(frame) < 40 * max(1, frame.piece.nunique())  # e.g. val loss: show points
     return (
@@ -81,11 +128,7 @@ def lines(
         .mark_line(interpolate="linear", strokeWidth=1.4, point=sparse)
         .encode(
             x=alt.X("x:Q", title=x_title),
-            y=alt.Y(
-                "value:Q",
-                title=y_title,
-                scale=alt.Scale(type="log" if log_y else "linear", zero=zero and not log_y),
-            ),
+            y=_y(y_title, log_y, zero),
             color=alt.Color(
                 f"{color}:N",
                 title=color_title,
@@ -93,51 +136,139 @@ def lines(
                 legend=alt.Legend() if frame[color].nunique() > 1 else None,
             ),
             detail="piece:N",
-            opacity=alt.Opacity(
-                "branch:N",
-                scale=alt.Scale(domain=["surviving", "abandoned"], range=[1.0, 0.3]),
-                title="branch",
-            ),
-            strokeDash=alt.StrokeDash(
-                "branch:N",
-                scale=alt.Scale(domain=["surviving", "abandoned"], range=[[1, 0], [4, 3]]),
-                legend=None,
-            ),
-            tooltip=[
-                alt.Tooltip("series:N"),
-                alt.Tooltip("attempt:Q"),
-                alt.Tooltip("branch:N"),
-                alt.Tooltip("x:Q", title=x_title, format=",.0f"),
-                alt.Tooltip("value:Q", title=y_title, format=".5g"),
-            ],
+            strokeDash=_branch_dash(frame),
+            tooltip=_line_tooltip(x_title, y_title),
         )
         .add_params(zoom)
         .properties(height=height)
     )
 
 
-def event_rules(events: pd.DataFrame, pick: str | None = None) -> alt.Chart:
-    """A vertical rule per event, coloured by kind; ``pick`` names a click selection."""
+def timeline(
+    frame: pd.DataFrame,
+    events: pd.DataFrame,
+    x_title: str,
+    y_title: str,
+    log_y: bool = False,
+    domain: tuple[int, int] | None = None,
+    pick: str | None = None,
+    height: int = 300,
+) -> alt.TopLevelMixin:
+    """A series per attempt, each in its own full-strength colour, with the run's events.
+
+    Abandoned branches are dashed and drawn over the surviving one (which covers the same
+    steps after a rollback), with their points when there are few, so a few-step spike
+    stands out. Events are a strip of markers above the plot (a lane per kind, clickable:
+    ``pick`` names the click selection) and thin translucent rules under the lines, so
+    they never cover the data. ``domain`` fixes the x range (an incident's window)."""
+    frame = _pieces(frame, "attempt")
+    attempts = sorted(int(a) for a in frame.attempt.unique())
+    x = alt.X(
+        "x:Q",
+        title=x_title,
+        scale=alt.Scale(domain=list(domain), nice=False) if domain else alt.Undefined,
+    )
+    hues = alt.Scale(
+        domain=attempts, range=[ATTEMPT_COLORS[a % len(ATTEMPT_COLORS)] for a in attempts]
+    )
+    base = alt.Chart(frame).encode(
+        x=x, y=_y(y_title, log_y), tooltip=_line_tooltip(x_title, y_title)
+    )
+    lines = base.encode(
+        color=alt.Color(
+            "attempt:N",
+            title="attempt",
+            scale=hues,
+            legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=3),
+        ),
+        detail="piece:N",
+        strokeDash=_branch_dash(frame),
+    )
+    surviving = lines.transform_filter(alt.datum.branch == SURVIVING).mark_line(
+        strokeWidth=1.4, clip=True
+    )
+    layers = [surviving.add_params(alt.selection_interval(bind="scales", encodings=["x"]))]
+    abandoned = frame[frame.branch == ABANDONED]
+    if not abandoned.empty:
+        only = alt.datum.branch == ABANDONED
+        layers.append(lines.transform_filter(only).mark_line(strokeWidth=2, clip=True))
+        if _in_view(abandoned, domain) <= POINTS_UP_TO:
+            # fill, not colour: the attempt legend stays the lines' (a stroke per attempt)
+            points = base.transform_filter(only).encode(
+                fill=alt.Fill("attempt:N", scale=hues, legend=None)
+            )
+            layers.append(points.mark_point(filled=True, size=16, opacity=1, clip=True))
+    marked = _marker_data(events, domain)
+    if not marked.empty:
+        layers.insert(0, _event_rules(marked, domain))
+    plot = alt.layer(*layers).properties(height=height)
+    if marked.empty:
+        return plot
+    strip = _event_strip(marked, domain, pick)
+    return (
+        alt.vconcat(strip, plot, spacing=4)
+        .resolve_scale(x="shared", color="independent")
+        .properties(autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
+    )
+
+
+def _in_view(frame: pd.DataFrame, domain: tuple[int, int] | None) -> int:
+    if domain is None:
+        return len(frame)
+    return int(frame.x.between(*domain).sum())
+
+
+def _marker_data(events: pd.DataFrame, domain: tuple[int, int] | None) -> pd.DataFrame:
+    """The events to mark: those inside ``domain`` (so that only their lanes show)."""
+    if domain is not None:
+        events = events[events.step.between(*domain)]
     data = events[["step", "attempt", "kind", "severity", "message"]].copy()
     data["id"] = events.index.astype(int)
-    kinds = sorted(data.kind.unique())
+    data["colour"] = [MARKED.get(k, UNMARKED_COLOR) for k in data.kind]
+    return data
+
+
+def _lanes(marked: pd.DataFrame) -> list[str]:
+    """The kinds present, in MARKED's order (then any other kind by name)."""
+    present = set(marked.kind)
+    return [str(k) for k in MARKED if k in present] + sorted(present - set(MARKED))
+
+
+def _event_rules(marked: pd.DataFrame, domain: tuple[int, int] | None) -> alt.Chart:
+    """Thin translucent rules at each event's step, drawn under the lines: guides to read
+    the step off, not marks to click (aria off, so the strip's markers are the ones)."""
+    scale = alt.Scale(domain=list(domain), nice=False) if domain else alt.Undefined
+    return (
+        alt.Chart(marked)
+        .mark_rule(strokeWidth=1, strokeOpacity=0.4, clip=True, aria=False)
+        # stroke, not colour: the colour legend (attempts) must not take the rules' opacity
+        .encode(x=alt.X("step:Q", scale=scale), stroke=alt.Stroke("colour:N", scale=None))
+    )
+
+
+def _event_strip(marked: pd.DataFrame, domain: tuple[int, int] | None, pick: str | None):
+    """A lane per event kind above the plot, a marker at each event's step."""
+    lanes = _lanes(marked)
+    scale = alt.Scale(domain=list(domain), nice=False) if domain else alt.Undefined
     chart = (
-        alt.Chart(data)
-        .mark_rule(strokeWidth=2, opacity=0.8)
+        alt.Chart(marked)
+        .mark_point(shape="triangle-down", filled=True, size=110, opacity=1, clip=True)
         .encode(
-            x=alt.X("step:Q"),
-            color=alt.Color(
-                "kind:N",
-                title="event",
-                scale=alt.Scale(domain=kinds, range=[KIND_COLORS.get(k, "#888") for k in kinds]),
+            x=alt.X(
+                "step:Q",
+                scale=scale,
+                axis=alt.Axis(title=None, labels=False, ticks=False, domain=False, grid=False),
             ),
+            y=alt.Y("kind:N", sort=lanes, title=None, axis=alt.Axis(grid=True)),
+            color=alt.Color("colour:N", scale=None),
             tooltip=["kind:N", "step:Q", "attempt:Q", "severity:N", "message:N"],
         )
+        .properties(height=LANE_PX * len(lanes))
     )
     if pick:
         sel = alt.selection_point(name=pick, fields=["id"], on="click")
         chart = chart.add_params(sel).encode(
-            strokeWidth=alt.condition(sel, alt.value(3), alt.value(1.5))
+            size=alt.condition(sel, alt.value(200), alt.value(110))
         )
     return chart
 

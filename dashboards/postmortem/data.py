@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ import streamlit as st
 import yaml
 
 from yoto import catalog, runstore
+from yoto.config import SpectraConfig
 from yoto.errors import RunDirError
+from yoto.events import EventKind, Severity
 
 from . import layers as layers_mod
 from . import query
@@ -30,8 +33,6 @@ from .query import ExplorerError
 
 ENV = "YOTO_RUNS"
 DEFAULT_ROOT = "runs"
-MARKED = ("spike", "overflow", "rollback", "batch_size", "alert", "fault_injected", "halt")
-MAX_MARKERS = 500  # event markers per chart; the events table lists them all
 
 
 # --- discovery ----------------------------------------------------------------------------
@@ -62,9 +63,9 @@ def run_dirs() -> list[Path]:
 
 
 def fingerprint(run: Path) -> tuple:
-    """Changes whenever the run gains a segment, an event or a new manifest."""
+    """Changes whenever the run gains a segment, an event, a new manifest or config."""
     items = []
-    for name in (runstore.MANIFEST, runstore.EVENTS):
+    for name in (runstore.MANIFEST, runstore.CONFIG, runstore.EVENTS):
         f = run / name
         if f.exists():
             st_ = f.stat()
@@ -111,9 +112,9 @@ def runs_frame(paths: Sequence[Path]) -> pd.DataFrame:
                 "final val loss (nats)": _mean(val.values()),
                 "best val loss (nats)": min(best.values()) if best else None,
                 "attempt": s.attempt,
-                "rollbacks": s.events.get("rollback", 0),
-                "halts": s.events.get("halt", 0),
-                "spikes": s.events.get("spike", 0),
+                "rollbacks": s.events.get(EventKind.ROLLBACK, 0),
+                "halts": s.events.get(EventKind.HALT, 0),
+                "spikes": s.events.get(EventKind.SPIKE, 0),
                 "started": pd.to_datetime(s.start, unit="s", utc=True) if s.start else None,
                 "problem": "",
                 "path": str(s.path),
@@ -147,21 +148,11 @@ def events_frame(run: Path) -> pd.DataFrame:
     frame = frame[cols]
     for col in ("step", "attempt"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).astype("int64")
-    for col, default in (("kind", "?"), ("severity", "info"), ("message", "")):
+    for col, default in (("kind", "?"), ("severity", Severity.INFO), ("message", "")):
         frame[col] = frame[col].fillna(default).astype(str)
     frame["time"] = pd.to_datetime(pd.to_numeric(frame.time, errors="coerce"), unit="s", utc=True)
     frame["data"] = [d if isinstance(d, dict) else {} for d in frame.data]
     return frame
-
-
-def markers(events: pd.DataFrame, limit: int = MAX_MARKERS) -> pd.DataFrame:
-    """The events drawn on charts: the kinds that explain a run, most severe first when
-    there are more than ``limit``."""
-    marked = events[events.kind.isin(MARKED)]
-    if len(marked) <= limit:
-        return marked
-    rank = marked.severity.map({"critical": 0, "warning": 1}).fillna(2)
-    return marked.assign(_r=rank).sort_values(["_r", "step"]).head(limit).drop(columns="_r")
 
 
 def config(run: Path) -> dict[str, Any]:
@@ -170,6 +161,41 @@ def config(run: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class AlphaBand:
+    low: float
+    high: float
+    problem: str = ""  # why the run's own band could not be used (then the defaults are)
+
+
+def alpha_band(cfg: dict[str, Any]) -> AlphaBand:
+    """The spectra probe's healthy alpha band as the run recorded it in config.yaml
+    (``probes.spectra.alpha_low/high``); the defaults for a run that has none, and the
+    defaults with the reason when what it has is not a band."""
+    default = SpectraConfig()
+    probes = cfg.get("probes") if isinstance(cfg, dict) else None
+    spectra = probes.get("spectra") if isinstance(probes, dict) else None
+    if not isinstance(spectra, dict):
+        return AlphaBand(default.alpha_low, default.alpha_high)
+    raw = (
+        spectra.get("alpha_low", default.alpha_low),
+        spectra.get("alpha_high", default.alpha_high),
+    )
+    try:
+        low, high = (float(v) for v in raw)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        return AlphaBand(
+            default.alpha_low,
+            default.alpha_high,
+            f"config.yaml's probes.spectra band ({raw[0]!r}, {raw[1]!r}) is not two numbers "
+            f"with alpha_low < alpha_high; drawn: the default {default.alpha_low:g}..."
+            f"{default.alpha_high:g}",
+        )
+    return AlphaBand(low, high)
 
 
 def table(run: Path, folder: str) -> query.Table | None:
@@ -181,11 +207,18 @@ def firsts(t: query.Table) -> dict[int, int]:
     return dict(zip(info.attempt.astype(int), info["first"].astype(int), strict=True))
 
 
-def metric_series(run: Path, columns: tuple[str, ...], x: str, branches: tuple[str, ...]):
+def metric_series(
+    run: Path,
+    columns: tuple[str, ...],
+    x: str,
+    branches: tuple[str, ...],
+    window: tuple[int, int] | None = None,
+):
     t = table(run, runstore.METRICS)
     if t is None:
         return None
-    return query.series(t, columns, x=x, branches=branches), tuple(t.columns()), t.damaged
+    frame = query.series(t, columns, x=x, branches=branches, window=window)
+    return frame, tuple(t.columns()), t.damaged
 
 
 def layer_heatmap(run: Path, metric: str, lineage: int | None) -> pd.DataFrame | None:
@@ -267,8 +300,15 @@ def cached_events(run: str, fp: tuple) -> pd.DataFrame:
 
 
 @st.cache_data(**_CACHE)
-def cached_series(run: str, fp: tuple, columns: tuple, x: str = "step", branches=("surviving",)):
-    return metric_series(Path(run), columns, x, tuple(branches))
+def cached_series(
+    run: str,
+    fp: tuple,
+    columns: tuple,
+    x: str = "step",
+    branches=("surviving",),
+    window: tuple[int, int] | None = None,
+):
+    return metric_series(Path(run), columns, x, tuple(branches), window)
 
 
 @st.cache_data(**_CACHE)

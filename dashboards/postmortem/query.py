@@ -215,10 +215,12 @@ def series(
     x: str = "step",
     max_points: int = downsample.MAX_POINTS,
     branches: Sequence[str] = ("surviving", "abandoned"),
+    window: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Long frame (attempt, branch, series, x, value) of the given columns, each series
     downsampled to at most ``max_points`` points over all its pieces together. Columns the
-    run does not have are left out."""
+    run does not have are left out. ``window`` (first, last step) keeps only those steps,
+    so a zoom on an incident gets its points budget for the incident alone."""
     have = set(t.columns())
     columns = [c for c in columns if c in have]
     if x != "step" and x not in have:
@@ -233,6 +235,12 @@ def series(
             pieces.append((attempt, "surviving", lo, int(min(hi, cut - 1))))
         if "abandoned" in branches and not math.isinf(cut) and hi >= cut:
             pieces.append((attempt, "abandoned", int(cut), hi))
+    if window is not None:
+        pieces = [
+            (attempt, branch, max(lo, window[0]), min(hi, window[1]))
+            for attempt, branch, lo, hi in pieces
+            if lo <= window[1] and hi >= window[0]
+        ]
     if not columns or not pieces:
         return _empty()
     spans = [hi - lo + 1 for *_, lo, hi in pieces]

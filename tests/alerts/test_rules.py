@@ -16,7 +16,7 @@ from tests.integration.servers import require_binary
 from yoto import catalog as m
 from yoto.alerts import alertmanager, rules
 
-TARGET = {"instance": "node1:9477", "job": "yoto"}
+TARGET = {"instance": "node1:9477", "job": m.SCRAPE_JOB}
 RUN = {"run": "20261128-demo-ab12", "name": "demo", "preset": "tiny"}
 
 

@@ -3,15 +3,21 @@ produced by a real training run with an injected fault and a rollback."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import duckdb
+import pandas as pd
 import pytest
+import yaml
 
 from tests.dashboards.helpers import PAGES, app, problems, texts, visit
-from yoto import runstore
+from yoto import catalog, runstore
 from yoto.dashboards.postmortem import wire
 from yoto.events import Event, EventKind, Severity
+
+LOSS = catalog.TRAIN_LOSS.name
 
 
 def snapshot(run: Path) -> dict[str, tuple[int, int]]:
@@ -92,6 +98,111 @@ def test_timeline_marks_the_rollback_fault_and_spike(visited: dict, explorer_run
         if "branch" in table.column_names:
             branches |= set(table["branch"].to_pylist())
     assert branches == {"surviving", "abandoned"}
+
+
+def _x_domains(spec) -> list[list[float]]:
+    """Every explicit x-scale domain in a Vega-Lite spec (any depth of layer/concat)."""
+    found = []
+    if isinstance(spec, dict):
+        x = (spec.get("encoding") or {}).get("x") or {}
+        domain = (x.get("scale") or {}).get("domain") if isinstance(x, dict) else None
+        if domain is not None:
+            found.append(domain)
+        for value in spec.values():
+            found += _x_domains(value)
+    elif isinstance(spec, list):
+        for item in spec:
+            found += _x_domains(item)
+    return found
+
+
+def _drawn_series(proto) -> pd.DataFrame:
+    parts = [t.to_pandas() for t in wire.datasets(proto) if "branch" in t.column_names]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _incident(run: Path) -> dict:
+    [rollback] = [e for e in runstore.read_events(run) if e["kind"] == EventKind.ROLLBACK]
+    return rollback["data"]
+
+
+def _recorded_loss(run: Path, attempt: int, lo: int, hi: int) -> dict[int, float]:
+    files = [str(p) for p in sorted((run / runstore.METRICS).glob("part-*.parquet"))]
+    rows = duckdb.execute(
+        f'SELECT step, "{LOSS}" FROM read_parquet($f, union_by_name = true) '
+        "WHERE attempt = $a AND step BETWEEN $lo AND $hi ORDER BY step",
+        {"f": files, "a": attempt, "lo": lo, "hi": hi},
+    ).fetchall()
+    return {int(step): float(v) for step, v in rows}
+
+
+def test_the_fixture_spike_is_at_known_steps(explorer_run: Path) -> None:
+    """lr_spike@60: the loss of attempt 0 leaps at 61, the policy rolls back at 65 to the
+    checkpoint of step 40, and attempt 1 retakes steps 41.. without the spike."""
+    got = _incident(explorer_run)
+    assert (got["onset"], got["from_step"], got["to_step"]) == (61, 65, 40)
+    spiked = _recorded_loss(explorer_run, 0, 61, 65)
+    calm = _recorded_loss(explorer_run, 1, 61, 65)
+    assert sorted(spiked) == sorted(calm) == [61, 62, 63, 64, 65]
+    assert max(spiked.values()) > 1.5 * max(calm.values())
+
+
+def test_timeline_opens_on_the_incident_with_the_spike_drawn(
+    visited: dict, explorer_run: Path
+) -> None:
+    incident = _incident(explorer_run)
+    onset, at, back = incident["onset"], incident["from_step"], incident["to_step"]
+    loss_chart = visited["pages"]["timeline"]["charts"][0]
+    domains = {tuple(d) for d in _x_domains(json.loads(loss_chart.spec))}
+    [(lo, hi)] = domains  # every layer and the event strip share one window
+    assert lo <= back and at < hi and hi - lo < 60  # a zoom, not the whole 90 steps
+    drawn = _drawn_series(loss_chart)
+    spike = drawn[(drawn.branch == "abandoned") & (drawn.attempt == 0)]
+    spike = spike[spike.x.between(onset, at)].set_index("x").value
+    recorded = _recorded_loss(explorer_run, 0, onset, at)
+    assert {int(x): v for x, v in spike.items()} == pytest.approx(recorded)
+    assert drawn.x.between(lo, hi).all()
+
+
+def test_timeline_whole_run_view(explorer_run: Path, yoto_runs) -> None:
+    yoto_runs(explorer_run.parent)
+    at = visit(app(), "timeline")
+    [view] = [s for s in at.selectbox if s.key == "timeline_view"]
+    assert view.value == 0 and "rollback at step 65" in view.format_func(0)
+    view.set_value("whole run").run()  # the option views/timeline.py offers
+    assert problems(at) == []
+    loss_chart = at.get("vega_lite_chart")[0].proto
+    assert _x_domains(json.loads(loss_chart.spec)) == []
+    drawn = _drawn_series(loss_chart)
+    assert drawn.x.min() == 1 and drawn.x.max() == 90
+    assert {"surviving", "abandoned"} == set(drawn.branch)
+
+
+def _set_band(run: Path, low, high) -> None:
+    path = run / runstore.CONFIG
+    cfg = yaml.safe_load(path.read_text())
+    cfg["probes"]["spectra"].update(alpha_low=low, alpha_high=high)
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def _band_rules(at) -> list[float]:
+    [alpha] = [c.proto for c in at.get("vega_lite_chart")][:1]
+    ys = [t["y"].to_pylist() for t in wire.datasets(alpha) if t.column_names == ["y"]]
+    return sorted(v for y in ys for v in y)
+
+
+def test_spectra_draws_the_runs_own_band(run_dir_copy: Path, yoto_runs) -> None:
+    _set_band(run_dir_copy, 1.25, 7.5)
+    yoto_runs(run_dir_copy)
+    at = visit(app(), "spectra")
+    assert problems(at) == [] and texts(at, "warning") == []
+    assert _band_rules(at) == [1.25, 7.5]
+    assert any("1.25 ≤ alpha ≤ 7.5" in c for c in texts(at, "caption"))
+    _set_band(run_dir_copy, 6, 2)  # not a band: said, and the defaults drawn
+    at.run()
+    [warning] = texts(at, "warning")
+    assert "alpha_low < alpha_high" in warning
+    assert _band_rules(at) == [2.0, 6.0]
 
 
 def test_layers_names_the_first_abnormal_layer_before_the_spike(visited: dict) -> None:

@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from yoto import catalog, runstore
-from yoto.dashboards.postmortem import data, downsample, layers, query
+from yoto.config import SpectraConfig
+from yoto.dashboards.postmortem import charts, data, downsample, incidents, layers, query
+from yoto.events import EventKind, Severity
 
 LOSS = catalog.TRAIN_LOSS.name
 
@@ -155,3 +157,86 @@ def test_heatmap_when_the_newest_segment_holds_another_probes_rows(
     heat = data.layer_heatmap(store.path, norm.name, None)
     assert sorted(heat.layer.unique()) == ["0", "1", "2"] and len(heat) == 9
     assert norm.name in data.layer_metrics(store.path)
+
+
+def test_a_window_gives_the_incident_its_whole_point_budget(long_run: Path, yoto_runs) -> None:
+    yoto_runs(long_run.parent)
+    t = data.table(long_run, runstore.METRICS)
+    frame = query.series(t, [LOSS], max_points=500, window=(12_300, 12_400))
+    assert frame.x.min() >= 12_300 and frame.x.max() <= 12_400
+    # the window's 101 steps (attempt 0, before the rollback's cut) arrive whole, spike
+    # included: a 30k-step series downsampled to 500 points would keep one in 60
+    assert len(frame) == 101 and set(frame.branch) == {"surviving"}
+    assert frame.set_index("x").value[12_345.0] == 42.0
+    both = query.series(t, [LOSS], window=(19_990, 20_010))
+    got = {(b, a): len(p) for (b, a), p in both.groupby(["branch", "attempt"])}
+    # steps 19,990-20,000 of attempt 0 survive; 20,001-20,010 of attempt 0 were abandoned
+    # and attempt 1 took them again
+    assert got == {("surviving", 0): 11, ("abandoned", 0): 10, ("surviving", 1): 10}
+    assert query.series(t, [LOSS], window=(50_000, 60_000)).empty
+
+
+def _events(*rows: dict) -> pd.DataFrame:
+    cols = {"step": 0, "attempt": 0, "kind": "", "severity": "info", "message": "", "data": {}}
+    return pd.DataFrame([{**cols, **r} for r in rows])
+
+
+def test_an_incident_per_rollback_with_a_window_that_shows_the_spike() -> None:
+    events = _events(
+        {"step": 300, "kind": EventKind.FAULT_INJECTED},
+        {
+            "step": 305,
+            "attempt": 1,
+            "kind": EventKind.ROLLBACK,
+            "data": {"from_step": 305, "to_step": 200, "onset": 301, "from_attempt": 0,
+                     "reason": "persistent_spike"},
+        },
+        {"step": 9_000, "attempt": 2, "kind": EventKind.ROLLBACK,
+         "data": {"from_step": 9_000, "to_step": 1_000, "onset": 8_990}},
+    )  # fmt: skip
+    first, second = incidents.incidents(events)
+    assert (first.abandoned, first.onset, first.rolled_back_at, first.resumed_from) == (
+        0, 301, 305, 200,
+    )  # fmt: skip
+    lo, hi = first.window
+    assert lo < 200 and 305 < hi  # the checkpoint, the spike and the rollback in view
+    assert (305 - 301 + 1) / (hi - lo) > 1 / 30  # the spike gets a visible share
+    assert "attempt 0 abandoned (persistent_spike from step 301)" in first.label()
+    # a checkpoint far before the onset is cut off: the 11 bad steps keep ~1/25 of the view
+    lo, hi = second.window
+    assert 1_000 < lo < 8_990 and hi > 9_000 and (9_000 - 8_990 + 1) / (hi - lo) > 1 / 35
+    assert second.abandoned == 1  # the event's own attempt minus one, when data is silent
+    assert incidents.incidents(_events({"step": 5, "kind": EventKind.SPIKE})) == []
+
+
+def test_a_rollback_event_missing_its_fields_still_makes_an_incident() -> None:
+    [only] = incidents.incidents(
+        _events({"step": 70, "attempt": 3, "kind": EventKind.ROLLBACK, "data": None})
+    )
+    assert (only.abandoned, only.onset, only.rolled_back_at, only.resumed_from) == (2, 70, 70, 70)
+    assert only.window[0] < 70 < only.window[1]
+
+
+def test_the_alpha_band_is_the_runs_own() -> None:
+    default = SpectraConfig()
+    assert data.alpha_band({}) == data.AlphaBand(default.alpha_low, default.alpha_high)
+    custom = {"probes": {"spectra": {"alpha_low": 1.5, "alpha_high": 7.0}}}
+    assert data.alpha_band(custom) == data.AlphaBand(1.5, 7.0)
+    half = {"probes": {"spectra": {"alpha_high": 9}}}
+    assert data.alpha_band(half) == data.AlphaBand(default.alpha_low, 9.0)
+    for bad in ({"alpha_low": "two", "alpha_high": 6}, {"alpha_low": 6, "alpha_high": 2}):
+        got = data.alpha_band({"probes": {"spectra": bad}})
+        assert (got.low, got.high) == (default.alpha_low, default.alpha_high)
+        assert "alpha_low < alpha_high" in got.problem and "default" in got.problem
+
+
+def test_markers_keep_the_most_severe_and_only_marked_kinds() -> None:
+    events = _events(
+        *({"step": s, "kind": EventKind.SPIKE, "severity": Severity.WARNING} for s in range(5)),
+        {"step": 9, "kind": EventKind.HALT, "severity": Severity.CRITICAL},
+        {"step": 3, "kind": EventKind.CHECKPOINT},
+    )
+    assert set(charts.markers(events).kind) == {EventKind.SPIKE, EventKind.HALT}
+    top = charts.markers(events, limit=2)
+    assert list(top.kind) == [EventKind.HALT, EventKind.SPIKE] and list(top.step) == [9, 0]
+    assert set(charts.MARKED) <= set(EventKind)

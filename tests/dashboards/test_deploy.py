@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import yaml
 
 from tests.dashboards.test_grafana import require
 from tests.helpers import ROOT
+from yoto import catalog
 from yoto.dashboards.live import grafana
 
 DEPLOY = ROOT / "deploy"
@@ -86,12 +88,15 @@ def test_promtool_accepts_the_multinode_config_with_generated_targets(tmp_path):
     assert proc.returncode != 0
 
 
+PROMETHEUS_CONFIGS = (DEPLOY / "prometheus" / "prometheus.yml", MULTINODE / "prometheus.yml")
+
+
 def test_scrape_job_and_intervals_match_the_dashboards():
-    for config in (DEPLOY / "prometheus" / "prometheus.yml", MULTINODE / "prometheus.yml"):
+    for config in PROMETHEUS_CONFIGS:
         prom = _yaml(config)
         assert prom["global"]["scrape_interval"] == "15s"
         jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
-        assert grafana.SCRAPE_JOB in jobs, config
+        assert catalog.SCRAPE_JOB in jobs, config
         assert prom["rule_files"], config
         assert (config.parent / prom["rule_files"][0]).resolve() == (DEPLOY / RULES).resolve()
     compose_job = _yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"][0]
@@ -100,6 +105,26 @@ def test_scrape_job_and_intervals_match_the_dashboards():
     (ds,) = datasource["datasources"]
     assert ds["type"] == "prometheus" and ds["isDefault"]
     assert ds["jsonData"]["timeInterval"] == "15s"
+
+
+def test_the_scrape_job_is_named_once_in_the_catalog():
+    """The trainers' job in every deploy config, the dashboards' and the alert rules'
+    selectors and the configs' own comments all say catalog.SCRAPE_JOB."""
+    said = re.compile(r'job="([^"]*)"')
+    for config in PROMETHEUS_CONFIGS:
+        prom = _yaml(config)
+        assert [j["job_name"] for j in prom["scrape_configs"]] == [catalog.SCRAPE_JOB], config
+        assert set(said.findall(config.read_text(encoding="utf-8"))) <= {catalog.SCRAPE_JOB}
+    selected = f'job="{catalog.SCRAPE_JOB}"'
+    dashboards = [e for b in grafana.build_all().values() for e in grafana.raw_queries(b)]
+    assert any(selected in e for e in dashboards)
+    rules_text = (DEPLOY / RULES).read_text(encoding="utf-8")
+    assert selected in rules_text
+    for text in (*dashboards, rules_text):
+        assert set(said.findall(text)) <= {catalog.SCRAPE_JOB}, text
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    named = re.findall(r"job `([^`]*)`", readme)
+    assert named and set(named) == {catalog.SCRAPE_JOB}
 
 
 def _bind_mounts(service: dict) -> dict[str, str]:

@@ -16,8 +16,10 @@ import yaml
 
 from tests.helpers import ROOT
 from yoto import catalog
+from yoto import config as config_mod
 from yoto.cli import main
-from yoto.dashboards.live import grafana, panels, promql
+from yoto.dashboards import units
+from yoto.dashboards.live import grafana, promql
 from yoto.events import EventKind, Severity
 
 DEPLOYED = ROOT / "deploy" / "grafana" / "dashboards"
@@ -78,7 +80,7 @@ def test_every_dashboard_has_datasource_and_run_variables():
 
 
 def test_every_panel_has_a_query_a_catalog_unit_and_a_description():
-    units = set(panels.UNITS.values())
+    grafana_ids = {u.grafana for u in units.UNITS.values()}
     ids = {}
     for name, panel in _all_panels():
         where = f"{name}: {panel['title']!r}"
@@ -86,14 +88,14 @@ def test_every_panel_has_a_query_a_catalog_unit_and_a_description():
         assert all(t["expr"].strip() for t in panel["targets"]), where
         assert panel["datasource"]["uid"] == "${datasource}", where
         unit = panel["fieldConfig"]["defaults"]["unit"]
-        assert unit in units, where
+        assert unit in grafana_ids, where
         # the unit is the catalog unit of what the first query reads (or its rate)
         names = sorted(promql.metric_names(panel["targets"][0]["expr"]) & set(catalog.CATALOG))
         if names:
             metric = catalog.CATALOG[names[0]]
-            allowed = {panels.UNITS[metric.unit]}
-            if metric.type == "counter" and f"{metric.unit}_per_second" in panels.UNITS:
-                allowed.add(panels.UNITS[f"{metric.unit}_per_second"])
+            allowed = {units.grafana_unit(metric.unit)}
+            if metric.type == "counter" and f"{metric.unit}_per_second" in units.UNITS:
+                allowed.add(units.grafana_unit(f"{metric.unit}_per_second"))
             assert unit in allowed, f"{where}: {unit} not the unit of {metric.name}"
             assert metric.help in panel["description"], where
         else:
@@ -199,7 +201,7 @@ def test_helpers_refuse_labels_and_types_the_catalog_does_not_give():
     with pytest.raises(ValueError, match="need a counter"):
         promql.rate(catalog.TRAIN_LOSS)
     for metric in catalog.CATALOG.values():
-        panels.grafana_unit(metric.unit)  # every catalog unit has a Grafana unit
+        units.grafana_unit(metric.unit)  # every catalog unit has a Grafana unit
 
 
 def test_every_expression_parses_in_promtool(tmp_path):
@@ -247,6 +249,38 @@ def test_cli_build_writes_the_files(tmp_path, capsys):
     for name, board in BOARDS.items():
         assert (out / name).read_text(encoding="utf-8") == grafana.dumps(board)
     assert str(out / "yoto-overview.json") in capsys.readouterr().out
+
+
+ALPHA_GAUGE = "Weight alpha per layer (latest)"
+
+
+def _alpha_thresholds(boards: dict) -> tuple[list, str]:
+    [gauge] = [p for p in _panels(boards["yoto-layers.json"]) if p["title"] == ALPHA_GAUGE]
+    steps = gauge["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    return [(s["value"], s["color"]) for s in steps], gauge["description"]
+
+
+def test_the_alpha_band_is_the_configs():
+    steps, text = _alpha_thresholds(BOARDS)
+    band = config_mod.Config().probes.spectra
+    assert steps == [(None, "red"), (band.alpha_low, "green"), (band.alpha_high, "orange")]
+    assert f"{band.alpha_low:g} ≤ alpha ≤ {band.alpha_high:g}" in text
+    custom = config_mod.load_config(
+        overrides=["probes.spectra.alpha_low=1.5", "probes.spectra.alpha_high=7.25"]
+    )
+    steps, text = _alpha_thresholds(grafana.build_all(custom))
+    assert steps == [(None, "red"), (1.5, "green"), (7.25, "orange")]
+    assert "1.5 ≤ alpha ≤ 7.25" in text
+
+
+def test_cli_build_takes_the_band_from_its_config(tmp_path):
+    out = tmp_path / "dash"
+    args = ["--set", "probes.spectra.alpha_low=1.5", "--set", "probes.spectra.alpha_high=8"]
+    assert main(["dashboards", "build", "--out", str(out), *args]) == 0
+    written = {p.name: json.loads(p.read_text(encoding="utf-8")) for p in out.iterdir()}
+    steps, _ = _alpha_thresholds(written)
+    assert steps == [(None, "red"), (1.5, "green"), (8.0, "orange")]
+    assert main(["dashboards", "build", "--out", str(out), "--set", "probes.spectra.alpha=1"]) == 2
 
 
 # --- push --------------------------------------------------------------------------------
@@ -445,7 +479,7 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
         "global": {"scrape_interval": "1s"},
         "scrape_configs": [
             {
-                "job_name": grafana.SCRAPE_JOB,
+                "job_name": catalog.SCRAPE_JOB,
                 "static_configs": [{"targets": [f"127.0.0.1:{server.server_port}"]}],
             }
         ],
@@ -467,7 +501,7 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
         while True:  # three scrapes, so that rate() and increase() have two points
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             try:
-                if _query(base, f'count_over_time(up{{job="{grafana.SCRAPE_JOB}"}}[1m]) >= 3'):
+                if _query(base, f'count_over_time(up{{job="{catalog.SCRAPE_JOB}"}}[1m]) >= 3'):
                     break
             except OSError:
                 pass

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from yoto import catalog
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -113,7 +115,7 @@ def prometheus(
     config: dict[str, Any] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": [
-            {"job_name": "yoto", "static_configs": [{"targets": targets}]},
+            {"job_name": catalog.SCRAPE_JOB, "static_configs": [{"targets": targets}]},
         ],
     }
     if rules is not None:

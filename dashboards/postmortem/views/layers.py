@@ -8,6 +8,7 @@ import streamlit as st
 
 from yoto import catalog
 from yoto.dashboards.postmortem import charts, data, layers, ui
+from yoto.events import EventKind
 
 METRICS = [
     catalog.LAYER_GRAD_NORM.name,
@@ -20,7 +21,7 @@ METRICS = [
 def spikes(events: pd.DataFrame) -> list[tuple[int, int, str]]:
     """(attempt, onset, label) of each spike episode, oldest first."""
     out: dict[tuple[int, int], str] = {}
-    for e in events[events.kind == "spike"].itertuples():
+    for e in events[events.kind == EventKind.SPIKE].itertuples():
         onset = int((e.data or {}).get("onset", e.step))
         out.setdefault((e.attempt, onset), f"step {onset} (attempt {e.attempt}): {e.message}")
     return [(a, s, label) for (a, s), label in sorted(out.items(), key=lambda kv: kv[0][1])]

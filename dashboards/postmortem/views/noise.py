@@ -7,6 +7,7 @@ import streamlit as st
 
 from yoto import catalog
 from yoto.dashboards.postmortem import charts, data, ui
+from yoto.events import EventKind
 
 GNS, BATCH = catalog.GRADIENT_NOISE_SCALE.name, catalog.BATCH_SIZE_TOKENS.name
 TOKENS = catalog.TOKENS.name
@@ -42,8 +43,8 @@ def render(run: Path) -> None:
     chart = charts.lines(
         named, "training tokens consumed", f"batch ({unit})", log_y=True, color="series"
     )
-    events = data.markers(data.cached_events(str(run), fp))
-    changes = events[events.kind == "batch_size"]
+    events = charts.markers(data.cached_events(str(run), fp))
+    changes = events[events.kind == EventKind.BATCH_SIZE]
     st.altair_chart(chart, width="stretch")
     st.caption(
         "B_noise = tr(Σ)/|G|² (McCandlish et al.), EMA-smoothed, × sequence length. "

@@ -1,4 +1,7 @@
-"""Spectra: weightwatcher alpha per layer over time, and one matrix's eigenvalue spectrum."""
+"""Spectra: weightwatcher alpha per layer over time, and one matrix's eigenvalue spectrum.
+
+The healthy band drawn is the run's own (its config.yaml), so a run trained with a custom
+band is judged by the band its probe warned on."""
 
 from pathlib import Path
 
@@ -17,7 +20,10 @@ def render(run: Path) -> None:
         ui.no_data("weight spectra (probes.spectra, or `yoto spectra RUN --step S`)")
         return
     st.subheader("alpha per matrix over time")
-    band = pd.DataFrame({"y": [2.0, 6.0]})
+    band = data.alpha_band(data.cached_config(str(run), fp))
+    if band.problem:
+        st.warning(band.problem)
+    edges = pd.DataFrame({"y": [band.low, band.high]})
     alpha = (
         alt.Chart(frame)
         .mark_line(point=True)
@@ -29,9 +35,12 @@ def render(run: Path) -> None:
         )
         .add_params(alt.selection_point(fields=["layer"], bind="legend"))
     )
-    rules = alt.Chart(band).mark_rule(strokeDash=[4, 3], color="gray").encode(y="y:Q")
+    rules = alt.Chart(edges).mark_rule(strokeDash=[4, 3], color="gray").encode(y="y:Q")
     st.altair_chart((alpha + rules).properties(height=320).interactive(), width="stretch")
-    st.caption("Healthy band 2 ≤ alpha ≤ 6 (dashed): below is over-trained / heavy-tailed.")
+    st.caption(
+        f"Healthy band {band.low:g} ≤ alpha ≤ {band.high:g} (dashed; this run's "
+        "probes.spectra): below is over-trained / heavy-tailed, above under-trained."
+    )
 
     st.subheader("Eigenvalue spectrum")
     c1, c2 = st.columns(2)

@@ -1,42 +1,65 @@
-"""Timeline: loss and grad norm with every event marked; abandoned branches faded."""
+"""Timeline: loss and grad norm with every event marked, each attempt in its own colour.
+
+A run with a rollback opens on its first incident: the steps from the checkpoint the run
+went back to until just past the rollback, so the spike that caused it and the abandoned
+branch are in plain view; "whole run" shows everything.
+"""
 
 from pathlib import Path
 
 import streamlit as st
 
 from yoto import catalog
-from yoto.dashboards.postmortem import charts, data, downsample, ui
+from yoto.dashboards.postmortem import charts, data, downsample, incidents, ui
 
 LOSS, GNORM = catalog.TRAIN_LOSS.name, catalog.GRAD_NORM.name
+WHOLE_RUN = "whole run"
+BRANCHES = (charts.SURVIVING, charts.ABANDONED)
+
+
+def pick_view(events) -> tuple[int, int] | None:
+    """The step window to show: an incident's (the first by default), or None for all."""
+    found = incidents.incidents(events)
+    if not found:
+        return None
+    options = [*range(len(found)), WHOLE_RUN]
+    choice = st.selectbox(
+        "show",
+        options,
+        index=0,
+        format_func=lambda i: WHOLE_RUN if i == WHOLE_RUN else found[i].label(),
+        key="timeline_view",
+        help="an incident: from the checkpoint the run went back to until just past the "
+        "rollback; zoom and pan with the mouse",
+    )
+    return None if choice == WHOLE_RUN else found[choice].window
 
 
 def render(run: Path) -> None:
     fp = ui.fp(run)
     events = data.cached_events(str(run), fp)
-    got = data.cached_series(str(run), fp, (LOSS, GNORM), "step", ("surviving", "abandoned"))
+    window = pick_view(events)
+    got = data.cached_series(str(run), fp, (LOSS, GNORM), "step", BRANCHES, window)
     if got is None or got[0].empty:
         ui.no_data("metrics")
     else:
         frame, _, damaged = got
         ui.damaged_note(damaged)
-        marks = data.markers(events)
+        marks = charts.markers(events)
         log = st.toggle("log scale", value=False, key="timeline_log")
         for key, pick in ((LOSS, "loss_event"), (GNORM, "gnorm_event")):
             part = frame[frame.series == key]
             if part.empty:
                 continue
-            chart = charts.lines(
+            chart = charts.timeline(
                 part,
+                marks,
                 "optimizer step",
                 charts.title(key),
                 log_y=log,
-                color="attempt",
-                color_title="attempt",
+                domain=window,
+                pick=pick,
             )
-            if not marks.empty:
-                chart = (chart + charts.event_rules(marks, pick=pick)).resolve_scale(
-                    color="independent"
-                )
             st.markdown(f"**{charts.title(key)}**")
             state = st.altair_chart(
                 chart,
@@ -46,12 +69,13 @@ def render(run: Path) -> None:
             )
             show_picked(state, pick, events)
         note = f"Each series ≤ {downsample.MAX_POINTS:,} points (MinMaxLTTB)."
-        if (frame.branch == "abandoned").any():
+        if (frame.branch == charts.ABANDONED).any():
             note = (
-                "Solid: the surviving branch. Faded and dashed: abandoned branches (the "
-                "steps an earlier attempt took before a rollback). " + note
+                "Solid: the surviving branch. Dashed, with its points: abandoned branches "
+                "(the steps an attempt took before a rollback undid them), in the colour "
+                "of their attempt. " + note
             )
-        st.caption(note)
+        st.caption("Triangles above each chart: the events (click one for its details). " + note)
     events_table(events)
 
 
@@ -77,7 +101,7 @@ def events_table(events) -> None:
         st.info("No events recorded yet.")
         return
     kinds = sorted(events.kind.unique())
-    default = [k for k in kinds if k in data.MARKED] or kinds
+    default = [k for k in kinds if k in charts.MARKED] or kinds
     show = st.multiselect("kinds", kinds, default=default, key="timeline_kinds")
     view = events[events.kind.isin(show)]
     state = st.dataframe(
