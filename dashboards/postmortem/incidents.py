@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from yoto.events import EventKind
+from yoto.events import EventKind, Rollback
 
 # the onset..rollback stretch gets at least 1/SPIKE_SHARE of the window's width
 SPIKE_SHARE = 25
@@ -48,27 +48,23 @@ class Incident:
 
 
 def incidents(events: pd.DataFrame) -> list[Incident]:
-    """One incident per rollback event, oldest first. Missing fields fall back to what
-    the event itself says (its step, and the attempt before its own)."""
+    """One incident per rollback event, oldest first, read as the trainer wrote it (a
+    :class:`~yoto.events.Rollback`). A damaged record falls back to what the event itself
+    says (its step, and the attempt before its own)."""
     found = []
     for e in events[events.kind == EventKind.ROLLBACK].sort_values("step").itertuples():
-        info = e.data if isinstance(e.data, dict) else {}
-        at = _int(info.get("from_step"), int(e.step))
-        onset = _int(info.get("onset"), at)
+        try:
+            done = Rollback.from_data(e.data)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            at = int(e.step)
+            done = Rollback(at, at, at, "", from_attempt=max(0, int(e.attempt) - 1), attempt=0)
         found.append(
             Incident(
-                abandoned=_int(info.get("from_attempt"), max(0, int(e.attempt) - 1)),
-                onset=min(onset, at),
-                rolled_back_at=at,
-                resumed_from=_int(info.get("to_step"), onset),
-                reason=str(info.get("reason") or ""),
+                abandoned=done.from_attempt,
+                onset=min(done.onset, done.from_step),
+                rolled_back_at=done.from_step,
+                resumed_from=done.to_step,
+                reason=str(done.reason),
             )
         )
     return found
-
-
-def _int(value: object, default: int) -> int:
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return default

@@ -15,7 +15,7 @@ import pytest
 from yoto import catalog, runstore
 from yoto.config import SpectraConfig
 from yoto.dashboards.postmortem import charts, data, downsample, incidents, layers, query
-from yoto.events import EventKind, Severity
+from yoto.events import EventKind, Reason, Rollback, Severity
 
 LOSS = catalog.TRAIN_LOSS.name
 
@@ -188,11 +188,12 @@ def test_an_incident_per_rollback_with_a_window_that_shows_the_spike() -> None:
             "step": 305,
             "attempt": 1,
             "kind": EventKind.ROLLBACK,
-            "data": {"from_step": 305, "to_step": 200, "onset": 301, "from_attempt": 0,
-                     "reason": "persistent_spike"},
+            "data": Rollback(305, 200, 301, Reason.PERSISTENT_SPIKE, 0, 1).to_data(),
         },
+        # a record from before rollbacks named the attempt they abandoned
         {"step": 9_000, "attempt": 2, "kind": EventKind.ROLLBACK,
-         "data": {"from_step": 9_000, "to_step": 1_000, "onset": 8_990}},
+         "data": {"from_step": 9_000, "to_step": 1_000, "onset": 8_990, "reason": "spike",
+                  "attempt": 2}},
     )  # fmt: skip
     first, second = incidents.incidents(events)
     assert (first.abandoned, first.onset, first.rolled_back_at, first.resumed_from) == (
@@ -205,7 +206,7 @@ def test_an_incident_per_rollback_with_a_window_that_shows_the_spike() -> None:
     # a checkpoint far before the onset is cut off: the 11 bad steps keep ~1/25 of the view
     lo, hi = second.window
     assert 1_000 < lo < 8_990 and hi > 9_000 and (9_000 - 8_990 + 1) / (hi - lo) > 1 / 35
-    assert second.abandoned == 1  # the event's own attempt minus one, when data is silent
+    assert second.abandoned == 1  # the attempt before the record's own, when it is silent
     assert incidents.incidents(_events({"step": 5, "kind": EventKind.SPIKE})) == []
 
 
