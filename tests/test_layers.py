@@ -168,6 +168,12 @@ def test_every_module_keeps_to_its_layer() -> None:
     assert not broken, "layer rules of DESIGN.md broken:\n  " + "\n  ".join(broken)
 
 
+def test_every_package_has_a_layer() -> None:
+    """A new top-level package (yoto.evals) would otherwise fall under "yoto", the kernel."""
+    missing = sorted(set(PACKAGE_DIRS) - set(LAYER_OF_PREFIX))
+    assert not missing, f"give these packages a layer in LAYER_OF_PREFIX: {missing}"
+
+
 def test_known_exceptions_are_still_needed() -> None:
     """An allowance whose import is gone must be removed with it."""
     present = {(imp.module.name, imp.target) for imp in ALL_IMPORTS}
