@@ -27,8 +27,8 @@ from yoto.events import Sinks
 from yoto.runstore import RunStore
 from yoto.trainer import engine as eng
 from yoto.trainer.loop import Trainer
-from yoto.trainer.model import GPT
-from yoto.trainer.run import prepare, vocab_size
+from yoto.trainer.model import GPT, vocab_size
+from yoto.trainer.run import prepare
 from yoto.trainer.sampler import Sampler
 from yoto.trainer.schedule import learning_rate
 

@@ -39,8 +39,7 @@ from yoto.config import load_config
 from yoto.trainer import engine as eng
 from yoto.trainer.attention import SelfAttention
 from yoto.trainer.flops import flops_per_token, mfu, peak_flops
-from yoto.trainer.model import GPT, norm_factory
-from yoto.trainer.run import vocab_size
+from yoto.trainer.model import GPT, norm_factory, vocab_size
 
 
 def sync(device: torch.device) -> None:

@@ -29,9 +29,9 @@ from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
 
-from yoto import scaling_runs as sr
 from yoto.cli import main as yoto
-from yoto.scaling import fmt_count
+from yoto.scaling import runs as sr
+from yoto.scaling.laws import fmt_count
 
 COMMON = [
     "train.device=cpu",

@@ -19,11 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yoto.config import ModelConfig
+from yoto.config import Config, ModelConfig
+from yoto.errors import ConfigError
 
+from . import tokenizer
 from .attention import SelfAttention
 
 GLU = ("geglu", "swiglu")
+
+
+def vocab_size(cfg: Config) -> int:
+    """The embedding's rows: ``model.vocab_size``, or the tokenizer's vocabulary padded to a
+    multiple of 64 (the model's vocabulary follows the tokenizer's, never falls short)."""
+    size = cfg.model.vocab_size or tokenizer.padded_vocab_size()
+    if size < tokenizer.VOCAB_SIZE:
+        raise ConfigError(
+            f"model.vocab_size={size} is smaller than the byte tokenizer's "
+            f"{tokenizer.VOCAB_SIZE} tokens; leave it unset or give at least that"
+        )
+    return size
+
+
+def non_embedding_parameters(cfg: Config) -> int:
+    """N of scaling laws for a config, without a model in memory: the GPT is built on the
+    meta device (shapes only), so the count is GPT.num_params's own, not a formula beside
+    it that could drift from the architecture."""
+    with torch.device("meta"):
+        return GPT(cfg.model, vocab_size(cfg)).num_params()
 
 
 class RMSNorm(nn.Module):

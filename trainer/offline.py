@@ -16,8 +16,7 @@ from yoto.probes.spectra import TABLE, analyze, weight_matrices
 
 from . import tokenizer
 from .checkpoint import verify
-from .model import GPT
-from .run import vocab_size
+from .model import GPT, vocab_size
 
 
 def checkpoint_model(run_dir: str | Path, step: int) -> tuple[GPT, dict[str, Any]]:

@@ -22,31 +22,21 @@ import torch
 
 from yoto import runstore
 from yoto.config import Config
-from yoto.errors import ConfigError, YotoError
+from yoto.errors import YotoError
 from yoto.events import Event, EventKind, LiveSink, Severity, Sinks
 from yoto.probes.suite import build_runner
 from yoto.runstore import RunStore
 
-from . import distributed, tokenizer
+from . import distributed
 from . import engine as eng
 from .checkpoint import CheckpointDir, Checkpointer, newest_valid
 from .corpus import Corpus, load_corpus
 from .faults import FaultInjector
 from .history import Branch
 from .loop import Trainer
-from .model import GPT
+from .model import GPT, vocab_size
 from .progress import Progress
 from .sampler import Sampler, validation_batches
-
-
-def vocab_size(cfg: Config) -> int:
-    size = cfg.model.vocab_size or tokenizer.padded_vocab_size()
-    if size < tokenizer.VOCAB_SIZE:
-        raise ConfigError(
-            f"model.vocab_size={size} is smaller than the byte tokenizer's "
-            f"{tokenizer.VOCAB_SIZE} tokens; leave it unset or give at least that"
-        )
-    return size
 
 
 class Prepared(NamedTuple):

@@ -175,7 +175,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
 
 def _add_scaling_parsers(sub: Any) -> None:
-    """``yoto sweep`` and ``yoto scaling fit`` (yoto/sweep.py, yoto/scaling*.py)."""
+    """``yoto sweep`` and ``yoto scaling fit`` (yoto.scaling: sweep, runs, laws)."""
     p = sub.add_parser("sweep", help="train a grid of runs, tagged as one sweep")
     _add_config_args(p)
     p.add_argument(
@@ -499,7 +499,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from yoto import sweep
+    from yoto.scaling import sweep
 
     preset = args.preset if (args.preset or args.config) else DEFAULT_PRESET
     plan = sweep.plan(
@@ -552,7 +552,7 @@ def _scaling_fit(
     skip_missing: bool,
     as_json: bool,
 ) -> int:
-    from yoto import scaling_runs as sr
+    from yoto.scaling import runs as sr
 
     if bool(runs) == bool(table):
         raise ConfigError("give run directories (or roots) or --table CSV, not both or neither")

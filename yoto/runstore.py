@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -420,18 +420,27 @@ def list_checkpoints(root: Path) -> list[CheckpointDir]:
 # --- readers ------------------------------------------------------------------------------
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """What makes a folder a run directory: its manifest."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def require_run_dir(path: str | Path) -> Path:
     path = Path(path)
-    if not path.exists():
-        raise RunDirError(f"run directory {str(path)!r} does not exist")
     if not path.is_dir():
-        raise RunDirError(f"{str(path)!r} is a file, not a run directory")
-    if not (path / MANIFEST).is_file():
+        raise _not_a_folder(path)
+    if not is_run_dir(path):
         raise RunDirError(
             f"{str(path)!r} is not a run directory (no {MANIFEST}); "
             f"a run directory is created by 'yoto train' under --run-root"
         )
     return path
+
+
+def _not_a_folder(path: Path) -> RunDirError:
+    if not path.exists():
+        return RunDirError(f"run directory {str(path)!r} does not exist")
+    return RunDirError(f"{str(path)!r} is a file, not a run directory")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -564,20 +573,38 @@ def summarize(path: str | Path) -> RunSummary:
     )
 
 
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """The run directories the given paths name. A run directory is itself; any other folder
+    is a root of runs, standing for its children that are run directories, sorted by name.
+    The same run reached twice (named and under a root, or through a link) counts once, at
+    its first place. A path that is no folder raises require_run_dir's error."""
+    found: dict[Path, Path] = {}  # resolved -> as reached
+    for given in paths:
+        path = Path(given)
+        if is_run_dir(path):
+            runs = [path]
+        elif path.is_dir():
+            runs = [child for child in sorted(path.iterdir()) if is_run_dir(child)]
+        else:
+            raise _not_a_folder(path)
+        for run in runs:
+            found.setdefault(run.resolve(), run)
+    return list(found.values())
+
+
 def list_runs(root: str | Path) -> list[RunSummary]:
     """Runs directly under ``root`` (or ``root`` itself if it is a run), newest first."""
     root = Path(root)
     if not root.is_dir():
         raise RunDirError(f"runs root {str(root)!r} does not exist or is not a folder")
-    if (root / MANIFEST).is_file():
-        return [summarize(root)]
     runs = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and (child / MANIFEST).is_file():
-            try:
-                runs.append(summarize(child))
-            except RunDirError as exc:
-                print(f"warning: {exc}", file=sys.stderr)
+    for path in find_runs([root]):
+        try:
+            runs.append(summarize(path))
+        except RunDirError as exc:
+            if path == root:
+                raise  # the run asked for, not one found under a root
+            print(f"warning: {exc}", file=sys.stderr)
     runs.sort(key=lambda r: r.start or 0, reverse=True)
     return runs
 

@@ -49,17 +49,11 @@ def missing_roots() -> list[Path]:
 
 
 def run_dirs() -> list[Path]:
-    """Run directories under the paths in ``YOTO_RUNS``: each path is a run directory or a
-    root whose children are; sorted by path, duplicates dropped."""
-    found: dict[Path, None] = {}
-    for root in roots():
-        if (root / runstore.MANIFEST).is_file():
-            found[root] = None
-        elif root.is_dir():
-            for child in sorted(root.iterdir()):
-                if child.is_dir() and (child / runstore.MANIFEST).is_file():
-                    found[child.resolve()] = None
-    return list(found)
+    """Run directories under the paths in ``YOTO_RUNS`` (``runstore.find_runs``: each path
+    is a run directory or a root whose children are), resolved, duplicates dropped. A path
+    that is not a folder is left out here; ``missing_roots`` names it."""
+    present = [root for root in roots() if root.is_dir()]
+    return [run.resolve() for run in runstore.find_runs(present)]
 
 
 def fingerprint(run: Path) -> tuple:

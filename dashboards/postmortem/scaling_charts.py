@@ -1,8 +1,9 @@
 """Frames and Altair charts for the Scaling page (no Streamlit here, so tests can call it).
 
-Loss against N (non-embedding parameters) and against training compute C = 6·N·D (Kaplan
-et al.'s estimate; N non-embedding), each with the fitted law drawn through the points;
-residuals as log(observed / predicted) per run.
+Loss against N (non-embedding parameters) and against the approximate training compute
+C ≈ 6·N·D (``laws.compute_6nd``, Kaplan et al.'s estimate; not the trainer's exact FLOP
+count), each with the fitted law drawn through the points; residuals as
+log(observed / predicted) per run.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from yoto.scaling import Fit, fmt_count
+from yoto.scaling.laws import COMPUTE_6ND_LABEL, Fit, compute_6nd, fmt_count
+
+C_6ND = "C_6ND"  # the frames' column of approximate compute (laws.compute_6nd)
 
 
 def points_frame(result: Fit, paths: list[str] | None = None) -> pd.DataFrame:
-    """One row per fitted point: N, D, C, observed and predicted loss, residual."""
+    """One row per fitted point: N, D, C_6ND, observed and predicted loss, residual."""
     pts = result.points
     n = np.array([p.n for p in pts], dtype=float)
     d = np.array([p.d if p.d is not None else np.nan for p in pts], dtype=float)
@@ -26,7 +29,7 @@ def points_frame(result: Fit, paths: list[str] | None = None) -> pd.DataFrame:
             "run": [p.name for p in pts],
             "N": n,
             "D": d,
-            "C": 6 * n * d,
+            C_6ND: compute_6nd(n, d),
             "tokens": [fmt_count(x) for x in d],
             "loss": loss,
             "predicted": pred,
@@ -50,7 +53,7 @@ def curves_frame(result: Fit, frame: pd.DataFrame, samples: int = 60) -> pd.Data
             pd.DataFrame(
                 {
                     "N": grid,
-                    "C": 6 * grid * (d if d is not None else np.nan),
+                    C_6ND: compute_6nd(grid, d if d is not None else np.nan),
                     "loss": loss,
                     "curve": label,
                     "tokens": "" if d is None else fmt_count(d),
@@ -72,7 +75,7 @@ def loss_vs(
         "run:N",
         alt.Tooltip("N:Q", format=".4s", title="N (non-embedding)"),
         alt.Tooltip("D:Q", format=".4s", title="D (tokens)"),
-        alt.Tooltip("C:Q", format=".3s", title="C = 6ND (FLOPs)"),
+        alt.Tooltip(f"{C_6ND}:Q", format=".3s", title=COMPUTE_6ND_LABEL),
         alt.Tooltip("loss:Q", format=".4f", title="val loss (nats)"),
         alt.Tooltip("predicted:Q", format=".4f", title="law (nats)"),
     ]

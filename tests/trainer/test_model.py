@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from yoto.config import ModelConfig
-from yoto.trainer.model import GPT
+from yoto.config import ModelConfig, load_config
+from yoto.trainer import tokenizer
+from yoto.trainer.model import GPT, non_embedding_parameters, vocab_size
 
 
 @pytest.fixture
@@ -29,6 +30,28 @@ def test_tied_embeddings_and_parameter_count(model: GPT) -> None:
     assert model.num_params() == total - 320 * 32 - 16 * 32
     per_block = 4 * 32 * 32 + 4 * 32 + 8 * 32 * 32 + 5 * 32 + 4 * 32  # attn, mlp, 2 LNs
     assert model.num_params() == 2 * per_block + 2 * 32  # + final LN
+
+
+def test_vocab_size_follows_the_tokenizer() -> None:
+    assert vocab_size(load_config(preset="tiny")) == tokenizer.padded_vocab_size() == 320
+    assert vocab_size(load_config(preset="tiny", overrides=["model.vocab_size=512"])) == 512
+
+
+def test_non_embedding_parameters_of_a_config_are_the_built_models() -> None:
+    """The count from shapes alone (meta device) is the real model's, whatever the
+    architecture: untied LM head and learned positions, a GLU, a larger vocabulary."""
+    variants = [
+        [],
+        ["model.tie_embeddings=false", "model.position=learned"],
+        ["model.activation=swiglu", "model.norm=rmsnorm", "model.vocab_size=1024"],
+    ]
+    counts = []
+    for sets in variants:
+        cfg = load_config(preset="tiny", overrides=sets)
+        built = GPT(cfg.model, vocab_size(cfg))
+        counts.append(non_embedding_parameters(cfg))
+        assert counts[-1] == built.num_params(), sets
+    assert len(set(counts)) == len(variants)  # the variants differ: the check is not vacuous
 
 
 def test_residual_projections_get_scaled_init() -> None:

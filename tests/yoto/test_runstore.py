@@ -111,6 +111,26 @@ def test_list_runs_newest_first(tmp_path: Path) -> None:
     assert runstore.list_runs(a.path)[0].path == a.path
 
 
+def test_find_runs_takes_runs_and_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    b = RunStore.create(root, "b", "").path
+    a = RunStore.create(root, "a", "").path
+    (root / "not-a-run").mkdir()
+    (root / "a-file").write_text("x")
+    single = RunStore.create(tmp_path / "other", "c", "").path
+    assert not runstore.is_run_dir(root) and runstore.is_run_dir(a)
+    # a root stands for its runs, sorted by name; a run for itself; each run once
+    found = runstore.find_runs([root, single, a, tmp_path / "root" / ".." / "root"])
+    assert found == [*sorted([a, b]), single]
+    assert runstore.find_runs([]) == []
+    (tmp_path / "empty").mkdir()
+    assert runstore.find_runs([tmp_path / "empty"]) == []
+    with pytest.raises(RunDirError, match="'.*nothing' does not exist"):
+        runstore.find_runs([root, tmp_path / "nothing"])
+    with pytest.raises(RunDirError, match="is a file, not a run directory"):
+        runstore.find_runs([root / "a-file"])
+
+
 def test_bad_run_dirs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="does not exist"):
         runstore.read_manifest(tmp_path / "nope")

@@ -1,4 +1,5 @@
-"""Compare: several runs on one axis (tokens or FLOPs): train loss and val loss per source."""
+"""Compare: several runs on one axis (tokens, or the approximate compute C ≈ 6·N·D of
+scaling laws): train loss and val loss per source."""
 
 from pathlib import Path
 
@@ -8,18 +9,20 @@ import streamlit as st
 from yoto import catalog, runstore
 from yoto.dashboards.postmortem import charts, data, ui
 from yoto.errors import RunDirError
+from yoto.scaling.laws import COMPUTE_6ND_LABEL, compute_6nd
 
 TOKENS = catalog.TOKENS.name
+BY_TOKENS = "tokens"
+BY_COMPUTE_6ND = "approximate compute (6·N·D)"
 
 
-def flops_per_token(run: Path) -> float | None:
-    """6 N (N non-embedding parameters, from the manifest): the usual training FLOPs per
-    token; attention's share is left out."""
+def non_embedding_parameters(run: Path) -> float | None:
+    """N from the run's manifest (what ``yoto train`` recorded), or None."""
     try:
         n = runstore.read_manifest(run).get("non_embedding_parameters")
     except (RunDirError, OSError, ValueError, TypeError):
         return None
-    return 6.0 * float(n) if n else None
+    return float(n) if n else None
 
 
 def render() -> None:
@@ -42,7 +45,7 @@ def render() -> None:
         key="compare_pick",
         on_change=keep,
     )
-    axis = st.radio("x axis", ["tokens", "FLOPs (≈ 6·N·tokens)"], horizontal=True, key="cmp_x")
+    axis = st.radio("x axis", [BY_TOKENS, BY_COMPUTE_6ND], horizontal=True, key="cmp_x")
     if not picked:
         st.info("Pick runs to compare (or select rows on the Runs page).")
         return
@@ -54,17 +57,17 @@ def render() -> None:
             st.info(f"{names.get(run, run)}: no metrics recorded yet.")
             continue
         part = got[0].assign(run=names.get(run, run))
-        if axis != "tokens":
-            per = flops_per_token(path)
-            if per is None:
+        if axis == BY_COMPUTE_6ND:
+            n = non_embedding_parameters(path)
+            if n is None:
                 st.warning(f"{names.get(run, run)}: no parameter count in its manifest.")
                 continue
-            part = part.assign(x=part.x * per)
+            part = part.assign(x=compute_6nd(n, part.x))
         parts.append(part)
     if not parts:
         return
     all_ = pd.concat(parts, ignore_index=True)
-    x_title = "training tokens" if axis == "tokens" else "training compute (FLOPs)"
+    x_title = "training tokens" if axis == BY_TOKENS else COMPUTE_6ND_LABEL
     for key_name, heading in (
         (catalog.TRAIN_LOSS.name, "train loss"),
         (catalog.VAL_LOSS.name, "val loss"),

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from yoto import scaling_runs as sr
 from yoto.dashboards.postmortem import data, ui
 from yoto.dashboards.postmortem import scaling_charts as charts
 from yoto.errors import RunDirError
-from yoto.scaling import PARAMETER_COUNT, Point, ScalingError, fmt_count
+from yoto.scaling import runs as sr
+from yoto.scaling.laws import COMPUTE_6ND_LABEL, PARAMETER_COUNT, Point, ScalingError, fmt_count
 
 LAWS = {
     "auto": "auto (Chinchilla when D varies enough)",
@@ -45,7 +45,7 @@ def render() -> None:
     st.title("Scaling")
     st.caption(
         f"N = {PARAMETER_COUNT} parameters, D = training tokens, loss = final validation "
-        "loss; compute C ≈ 6·N·D. Bootstrap intervals resample the runs."
+        "loss; compute is the approximation C ≈ 6·N·D. Bootstrap intervals resample the runs."
     )
     if ui.no_runs_message():
         return
@@ -116,9 +116,9 @@ def render() -> None:
             width="stretch",
         )
     with right:
-        st.markdown("**Loss vs compute**")
+        st.markdown("**Loss vs approximate compute (6·N·D)**")
         st.altair_chart(
-            charts.loss_vs(frame, curves, "C", "training compute C ≈ 6ND (FLOPs)", highlight),
+            charts.loss_vs(frame, curves, charts.C_6ND, COMPUTE_6ND_LABEL, highlight),
             width="stretch",
         )
     st.markdown("**Residuals** (the runs the law explains worst are the ones to look at)")

@@ -126,6 +126,24 @@ def test_too_few_runs_and_not_a_run(tmp_path: Path, capsys) -> None:
     assert rc == 2 and "give run directories (or roots) or --table CSV" in err
 
 
+def test_a_damaged_run_under_a_root_is_left_out_but_named_is_an_error(
+    tmp_path: Path, capsys
+) -> None:
+    from yoto.scaling import runs as sr
+
+    root = tmp_path / "runs"
+    a = fake_run(root, "a", 1e5, 1e8, {"text": 3.0})
+    fake_run(root, "b", 1e6, 1e8, {"text": 2.8})
+    broken = fake_run(root, "broken", 1e7, 1e8, {"text": 2.6})
+    (broken / "manifest.json").write_text("{not json")
+    records = sr.load_runs([root, a])  # a again, named: still one record
+    assert sorted(r.name for r in records) == ["a", "b"]
+    assert "damaged" in capsys.readouterr().err
+    assert records[0].compute_6nd == 6 * 1e5 * 1e8
+    rc, _, err = run_cli(capsys, "scaling", "fit", str(broken))
+    assert rc == 2 and "is damaged" in err
+
+
 def test_table_fit_and_table_errors(tmp_path: Path, capsys) -> None:
     table = tmp_path / "points.csv"
     rows = ["name,N,D,loss,source"]
@@ -162,7 +180,7 @@ def test_table_fit_and_table_errors(tmp_path: Path, capsys) -> None:
 
 def test_sweep_grid_keys_and_values() -> None:
     from yoto.errors import ConfigError
-    from yoto.sweep import parse_grid, resolve_key, split_values
+    from yoto.scaling.sweep import parse_grid, resolve_key, split_values
 
     assert resolve_key("position") == "model.position"  # a bare name in one section only
     assert resolve_key("model.n_layer") == "model.n_layer"
@@ -190,7 +208,7 @@ def test_sweep_grid_keys_and_values() -> None:
 
 def test_sweep_budgets(capsys) -> None:
     from yoto.errors import ConfigError
-    from yoto.sweep import plan
+    from yoto.scaling.sweep import plan
 
     # equal tokens: a longer context trains fewer steps
     p = plan(["model.seq_len=64,128"], preset="tiny", overrides=["train.steps=100"])

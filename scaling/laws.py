@@ -18,6 +18,12 @@ law at the run's loss (and its D): the N of a model that the law says reaches th
 that many tokens ("this 13B run performs like a 4.1B"). Under Chinchilla the loss can be
 at or below the floor E + B/D^β that no finite model reaches on D tokens; then the
 effective size is infinite and says so.
+
+Compute on the charts' axes is the **approximation** C ≈ 6·N·D (``compute_6nd``: Kaplan et
+al.'s 2 FLOPs per parameter and token forward, 4 backward, attention left out), the
+convention scaling laws are plotted in. It is not the trainer's exact count of model FLOPs
+(``yoto.trainer.flops.flops_per_token``: embeddings, LM head and attention included), and
+is named so that the two are never taken for each other.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ LAW_PARAMS: dict[str, tuple[str, ...]] = {
     "kaplan": ("N_c", "alpha_N"),
     "chinchilla": ("E", "A", "B", "alpha", "beta"),
 }
+
+
+COMPUTE_6ND_LABEL = "approximate training compute C ≈ 6·N·D (FLOPs)"
 
 
 class ScalingError(YotoError):
@@ -489,6 +498,13 @@ def _rounded(d: float | None) -> float | None:
 
 def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else "nan" if math.isnan(x) else "-inf")
+
+
+def compute_6nd(n: float | np.ndarray, d: float | np.ndarray) -> float | np.ndarray:
+    """Approximate training compute C ≈ 6·N·D FLOPs for N non-embedding parameters trained
+    on D tokens (Kaplan et al. 2020, sec. 2.1): the axis of compute scaling laws, not the
+    exact count (see the module docstring)."""
+    return 6 * n * d
 
 
 def fmt_count(x: float | None) -> str:

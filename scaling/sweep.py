@@ -30,7 +30,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ from pydantic import BaseModel
 
 from yoto import config as config_mod
 from yoto.errors import ConfigError
+from yoto.trainer.model import non_embedding_parameters
 
-log = logging.getLogger("yoto.sweep")
+log = logging.getLogger("yoto.scaling.sweep")
 
 BUDGETS = ("equal-tokens", "compute-optimal", "steps")
 
@@ -69,7 +70,6 @@ class SweepPlan:
     budget: str
     points: list[SweepPoint]
     tokens_per_param: float | None = None
-    results: list[dict[str, Any]] = field(default_factory=list)
 
     def tag(self, point: SweepPoint) -> dict[str, Any]:
         tag = {
@@ -255,18 +255,6 @@ def plan(
     )
 
 
-def non_embedding_parameters(cfg: config_mod.Config) -> int:
-    """The model's non-embedding parameter count, from a model built on the meta device
-    (no memory, no time), so it is the trainer's own count, not a formula that could drift."""
-    import torch
-
-    from yoto.trainer.model import GPT
-    from yoto.trainer.run import vocab_size
-
-    with torch.device("meta"):
-        return GPT(cfg.model, vocab_size(cfg)).num_params()
-
-
 def _tokens_per_step(cfg: config_mod.Config) -> int:
     return cfg.train.global_batch_size * cfg.model.seq_len
 
@@ -344,5 +332,4 @@ def run(
             log.error("sweep point %d (%s) failed: %s", point.index, point.label(), exc)
             entry.update(status="failed", error=str(exc))
         results.append(entry)
-    plan_.results = results
     return results

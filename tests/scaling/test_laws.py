@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from yoto.scaling import Fit, Point, ScalingError, choose_law, fit
+from yoto.scaling.laws import Fit, Point, ScalingError, choose_law, compute_6nd, fit
 
 # Hoffmann et al. 2022, eq. 10 (their approach-3 fit)
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -162,3 +162,9 @@ def test_bad_points_are_clear_errors(points, law, message) -> None:
 def test_unknown_law_is_an_error() -> None:
     with pytest.raises(ScalingError, match="unknown law 'power'"):
         fit(kaplan_points(1e10, 0.1, 0.0), "power")  # type: ignore[arg-type]
+
+
+def test_compute_6nd_is_six_flops_per_parameter_and_token() -> None:
+    assert compute_6nd(1e9, 2e10) == pytest.approx(1.2e20)
+    grid = compute_6nd(np.array([1e6, 1e7]), 1e9)
+    assert grid.tolist() == pytest.approx([6e15, 6e16])

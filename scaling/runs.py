@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from yoto import catalog, runstore
-from yoto.scaling import PARAMETER_COUNT, Fit, Law, Point, ScalingError, choose_law, fmt_count
-from yoto.scaling import fit as fit_law
+from yoto.errors import RunDirError
+
+from . import laws
+from .laws import PARAMETER_COUNT, Fit, Law, Point, ScalingError, choose_law, fmt_count
+from .laws import fit as fit_law
 
 ALL = "all"  # the mean over sources
 
@@ -51,9 +54,10 @@ class RunRecord:
         return self.val_loss.get(source)
 
     @property
-    def compute(self) -> float | None:
-        """Training FLOPs as C = 6 N D (Kaplan et al.; N non-embedding)."""
-        return 6 * self.n * self.d if self.n and self.d else None
+    def compute_6nd(self) -> float | None:
+        """Approximate training compute C ≈ 6·N·D (``laws.compute_6nd``), when N and D
+        are known."""
+        return laws.compute_6nd(self.n, self.d) if self.n and self.d else None
 
 
 def read_run(path: str | Path) -> RunRecord:
@@ -79,22 +83,19 @@ def read_run(path: str | Path) -> RunRecord:
 
 
 def load_runs(paths: Iterable[str | Path], sweep: str | None = None) -> list[RunRecord]:
-    """Runs named directly, or found under roots; with ``sweep``, only that sweep's runs."""
+    """Runs named directly, or found under roots (``runstore.find_runs``); with ``sweep``,
+    only that sweep's runs. A damaged run named directly is an error; one found under a
+    root is left out with a warning, as ``yoto runs list`` does."""
+    paths = list(paths)
+    named = {Path(p).resolve() for p in paths if runstore.is_run_dir(p)}
     records: list[RunRecord] = []
-    seen: set[Path] = set()
-    for given in paths:
-        path = Path(given)
-        if (path / runstore.MANIFEST).is_file():
-            dirs = [path]
-        elif path.is_dir():
-            dirs = [r.path for r in runstore.list_runs(path)]
-        else:
-            runstore.require_run_dir(path)  # raises the run store's clear message
-            dirs = []
-        for d in dirs:
-            if d.resolve() not in seen:
-                seen.add(d.resolve())
-                records.append(read_run(d))
+    for path in runstore.find_runs(paths):
+        try:
+            records.append(read_run(path))
+        except RunDirError as exc:
+            if path.resolve() in named:
+                raise
+            print(f"warning: {exc}", file=sys.stderr)
     if sweep is not None:
         found = sorted({r.sweep["id"] for r in records if r.sweep})
         records = [r for r in records if r.sweep and r.sweep.get("id") == sweep]
