@@ -54,6 +54,7 @@ def _section(title: str, where: str) -> None:
     GROUPS[title] = where
     _group = title
 
+
 # The Prometheus scrape job of the trainers' rank-0 /metrics: Prometheus adds it to every
 # series as the ``job`` label, the dashboards' and alert rules' queries select on it, and
 # the scrape configs under deploy/ name their job so (a test holds them to this name).
