@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import make_trainer  # noqa: E402
 from yoto import catalog  # noqa: E402
 from yoto.dashboards.live.exporter import Exporter, parse_addr  # noqa: E402
+from yoto.dashboards.live.localstack import Receiver  # noqa: E402
 
 SHAPES = {
     "tiny": [],
@@ -47,6 +48,13 @@ SHAPES = {
         "train.global_batch_size=2",
     ],
 }
+RUN = [  # the end-to-end run: small and on the CPU, checkpoints and eval off unless set
+    "train.device=cpu",
+    "data.max_bytes_per_source=2000000",
+    "train.batch_warmup.start=null",
+    "eval.every=0",
+    "log.progress=false",
+]
 PROBES = ["probes.layers.every=2", "probes.spectra.every=4", "probes.spectra.min_evals=8"]
 
 
@@ -92,7 +100,6 @@ def scrape_cost(shape: str, overrides: list[str], scrapes: int, wait_spectra: fl
 
 
 def notify_cost(calls: int) -> dict:
-    from tests.integration.servers import Receiver
     from yoto.alerts.notifier import ChatNotifier
     from yoto.config import NotifyConfig
     from yoto.events import Event, EventKind, Severity
@@ -145,10 +152,10 @@ def end_to_end() -> dict:
 def end_to_end_shipped_timing() -> dict:
     """Real servers with deploy/'s timing; the run is stopped (SIGTERM) once both webhooks
     have the fault, since an alert resolves when its target is gone."""
-    from tests.helpers import FAST, only_run, subprocess_env, yoto_bin
-    from tests.integration import servers
     from yoto import runstore
     from yoto.alerts import alertmanager, rules
+    from yoto.dashboards.live import localstack as servers
+    from yoto.trainer.distributed import child_env
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -158,15 +165,15 @@ def end_to_end_shipped_timing() -> dict:
         rules_file = tmp / "rules.yml"
         rules_file.write_text(rules.render())  # deploy/'s 15 s evaluation
         port = servers.free_port()
-        env = {**subprocess_env(), "YOTO_NOTIFY_URLS": f"json://127.0.0.1:{chat_receiver.port}/"}
+        env = {**child_env(), "YOTO_NOTIFY_URLS": f"json://127.0.0.1:{chat_receiver.port}/"}
         cmd = [
-            yoto_bin(),
+            str(Path(sys.executable).with_name("yoto")),
             "train",
             "--run-root",
             str(tmp / "runs"),
             "--no-progress",
             f"--metrics-addr=127.0.0.1:{port}",
-            *(f"--set={item}" for item in FAST),
+            *(f"--set={item}" for item in RUN),
             "--set=checkpoint.every=20",
             "--set=train.steps=100000",
             "--inject=lr_spike@80",
@@ -186,7 +193,8 @@ def end_to_end_shipped_timing() -> dict:
                     proc.wait(timeout=120)
             if not am_got or not chat_got:
                 return {"error": (tmp / "train.log").read_text()[-2000:]}
-            events = runstore.read_events(only_run(tmp / "runs"))
+            [run] = runstore.find_runs([tmp / "runs"])
+            events = runstore.read_events(run)
             fault = next(e for e in events if e["kind"] == "fault_injected")
             alerts = sorted({a["labels"]["alertname"] for a in am_got[0][1]["alerts"]})
             return {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -28,20 +27,9 @@ def yoto_bin() -> str:
 def subprocess_env() -> dict[str, str]:
     """The environment for a child ``yoto``/``torchrun``: without the process-group
     variables this test process set for its own in-process runs."""
-    env = dict(os.environ)
-    for key in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "GROUP_RANK",
-        "ROLE_RANK",
-    ):
-        env.pop(key, None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    from yoto.trainer.distributed import child_env
+
+    return child_env()
 
 
 def only_run(root: Path) -> Path:

@@ -112,3 +112,24 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+_PROCESS_GROUP_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+)
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child ``yoto``/``torchrun`` started by this process: without
+    the process-group variables that :func:`setup` may have set for this one (the child
+    would join this process's group instead of making its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in _PROCESS_GROUP_VARIABLES}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
