@@ -52,7 +52,6 @@ from yoto.runstore import list_checkpoints
 
 from . import distributed
 from . import engine as eng
-from . import rollback as rollbacks
 from .batch_control import BatchController
 from .checkpoint import CheckpointDir, Checkpointer
 from .distributed import DistInfo
@@ -61,6 +60,7 @@ from .flops import flops_per_token, mfu, peak_flops
 from .history import Branch, History
 from .policy import Action, Decision, Policy, agree
 from .progress import Progress
+from .rollback import good_checkpoint, hide_abandoned, plan_rollback
 from .sampler import Sampler
 from .schedule import learning_rate
 
@@ -463,7 +463,7 @@ class Trainer:
         self.finish_checkpoints()  # a save of this branch may still be sealing
         plan = None
         if self.info.is_main and self.checkpointer is not None:
-            plan = rollbacks.plan(
+            plan = plan_rollback(
                 history=self.history,
                 branch=self.branch,
                 checkpoints=list_checkpoints(self.checkpointer.root),
@@ -484,7 +484,7 @@ class Trainer:
         self.branch.attempt = plan.attempt  # rank 0's history numbered it
         self.history.saw_attempt(plan.attempt)
         if self.info.is_main:
-            rollbacks.hide_abandoned(plan)
+            hide_abandoned(plan)
         distributed.barrier()
         done = plan.record(checkpoint_position, seconds=time.perf_counter() - started)
         self.history.record_rollback(done)
@@ -573,7 +573,7 @@ class Trainer:
         if self.checkpointer is None:
             return
         if self.info.is_main:  # pruning after this save must keep the newest good one
-            good = rollbacks.good_checkpoint(
+            good = good_checkpoint(
                 list_checkpoints(self.checkpointer.root),
                 self.history,
                 onset=self.branch.step,

@@ -8,8 +8,9 @@ then moves the sampler past the data window between the checkpoint and the onset
 batches), optionally cools the LR down, and starts a new ``attempt``: the abandoned
 branch's rows stay in the run directory under the old one, its checkpoints are removed.
 
-This module only decides: :func:`plan` turns (history, checkpoints, decision) into a
-:class:`RollbackPlan`, which ``Trainer.roll_back`` carries out on every rank; the plan's
+This module decides, and knows no Trainer: :func:`plan_rollback` turns (history,
+checkpoints, decision) into a :class:`RollbackPlan`, which ``Trainer.roll_back`` carries
+out on every rank (rank 0 also calls :func:`hide_abandoned`); the plan's
 :meth:`~RollbackPlan.record` is the :class:`~yoto.events.Rollback` the history keeps.
 """
 
@@ -95,7 +96,7 @@ class RollbackPlan:
         )
 
 
-def plan(
+def plan_rollback(
     *,
     history: History,
     branch: Branch,
