@@ -12,6 +12,7 @@ the run's: it survives checkpoints and is kept across a rollback.
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from typing import Any
 
 from yoto.config import TrainConfig
@@ -19,6 +20,16 @@ from yoto.config import TrainConfig
 from .schedule import BatchRamp
 
 _LR_POWER = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+
+
+class BatchReason(StrEnum):
+    """Why the global batch is what it is (a ``batch_size`` event's ``reason``)."""
+
+    CONFIG = "config"  # train.global_batch_size
+    WARMUP = "warmup"  # train.batch_warmup's ramp
+    ADAPTIVE = "adaptive"  # the gradient noise scale
+    POLICY = "policy"  # the policy's batch_size action
+    ROLLBACK = "rollback"  # adaptive_batch.after_rollback
 
 
 class BatchController:
@@ -39,19 +50,19 @@ class BatchController:
         self.target = self.base
         self.last_change = 0
         self.in_warmup = False
-        self.reason = "config"
+        self.reason = BatchReason.CONFIG
 
     def _round(self, size: float) -> int:
         return max(self.granularity, int(size) - int(size) % self.granularity)
 
-    def size(self, step: int, tokens: int, b_noise: float | None) -> tuple[int, str]:
+    def size(self, step: int, tokens: int, b_noise: float | None) -> tuple[int, BatchReason]:
         """Global batch (sequences) for ``step``, and the reason of its latest change
         (warmup, adaptive, policy, rollback). ``b_noise`` is the latest noise scale in
         sequences (None/NaN when unknown)."""
         was_warm = self.in_warmup
         self.in_warmup = bool(self.ramp.ramp_tokens) and tokens < self.ramp.ramp_tokens
         if self.in_warmup or was_warm:  # the ramp's last step lands on the target
-            self.reason = "warmup"
+            self.reason = BatchReason.WARMUP
         if self.in_warmup:
             return self.ramp.size_at(tokens), self.reason
         if (
@@ -62,10 +73,10 @@ class BatchController:
         ):
             want = min(self.high, max(self.low, self._round(self.adaptive.k * b_noise)))
             if want != self.target:
-                self.target, self.last_change, self.reason = want, step, "adaptive"
+                self.target, self.last_change, self.reason = want, step, BatchReason.ADAPTIVE
         return self.target, self.reason
 
-    def bump(self, factor: float, step: int, reason: str = "policy") -> int:
+    def bump(self, factor: float, step: int, reason: BatchReason = BatchReason.POLICY) -> int:
         """Raise the target (after a rollback, or by the policy); bounded by the maximum."""
         ceiling = self.high if self.adaptive.enabled else max(self.high, self.base * 8)
         self.target = min(ceiling, self._round(self.target * factor))
@@ -83,4 +94,4 @@ class BatchController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.target, self.last_change = state["target"], state["last_change"]
-        self.reason = state.get("reason", "config")
+        self.reason = BatchReason(state.get("reason", BatchReason.CONFIG))

@@ -52,7 +52,7 @@ from yoto.runstore import list_checkpoints
 
 from . import distributed
 from . import engine as eng
-from .batch_control import BatchController
+from .batch_control import BatchController, BatchReason
 from .checkpoint import CheckpointDir, Checkpointer
 from .distributed import DistInfo
 from .faults import FaultInjector
@@ -239,7 +239,7 @@ class Trainer:
         windows = self.sampler.next_global_batch(batch_size)
         return StepWork(step, batch_size, lr, position, windows, started)
 
-    def _change_batch(self, step: int, batch_size: int, why: str) -> None:
+    def _change_batch(self, step: int, batch_size: int, why: BatchReason) -> None:
         previous = self.engine.train_batch_size()
         self.engine.set_train_batch_size(batch_size)
         self.history.batch_size_changes += 1
@@ -368,7 +368,7 @@ class Trainer:
                 f"batch warmup: {size} -> {ramp.target} sequences over {ramp.ramp_tokens:,} tokens",
                 previous=None,
                 new=size,
-                reason="warmup",
+                reason=BatchReason.WARMUP,
                 target=ramp.target,
                 ramp_tokens=ramp.ramp_tokens,
             )
@@ -489,7 +489,7 @@ class Trainer:
         done = plan.record(checkpoint_position, seconds=time.perf_counter() - started)
         self.history.record_rollback(done)
         if plan.batch_factor > 1.0:
-            self.batch.bump(plan.batch_factor, done.to_step, reason="rollback")
+            self.batch.bump(plan.batch_factor, done.to_step, reason=BatchReason.ROLLBACK)
         self.event(
             EventKind.ROLLBACK,
             Severity.WARNING,
