@@ -151,9 +151,56 @@ def _file_documents(
         elif suffix == ".parquet":
             yield from _parquet_documents(path, default_source, cfg, forced)
         else:
-            yield Document(default_source, str(path), path.read_bytes())
+            data = path.read_bytes()
+            _require_text(path, data)
+            yield Document(default_source, str(path), data)
     except OSError as exc:
         raise DataError(f"cannot read data file {str(path)!r}: {exc.strerror or exc}") from None
+
+
+_TEXT_SAMPLE = 64 * 1024  # bytes looked at; a text file's head tells
+_TEXT_CONTROLS = set("\t\n\r\f\v\b\x1b")
+# Text has (almost) no NUL or other control bytes; executables, archives and UTF-16 have
+# many. Undecodable bytes alone are allowed more room: Latin-1 prose is text for a byte
+# tokenizer (about 14% of a French Latin-1 text does not decode as UTF-8).
+_CONTROL_MAX = 0.05
+_UNDECODABLE_MAX = 0.30
+
+
+@dataclass(frozen=True, slots=True)
+class TextCheck:
+    """What the head of a file is made of, as shares of its characters."""
+
+    control: float  # NUL and C0 controls other than tab, newlines, form feed, escape
+    undecodable: float  # bytes that are not UTF-8
+
+    @property
+    def is_text(self) -> bool:
+        return self.control <= _CONTROL_MAX and self.undecodable <= _UNDECODABLE_MAX
+
+
+def check_text(data: bytes) -> TextCheck:
+    head = data[:_TEXT_SAMPLE]
+    if len(data) > _TEXT_SAMPLE:
+        head = head[: len(head) - 3]  # a multi-byte character cut by the sample is not damage
+    chars = head.decode("utf-8", errors="replace")
+    if not chars:
+        return TextCheck(0.0, 0.0)
+    control = sum(1 for c in chars if c < " " and c not in _TEXT_CONTROLS)
+    return TextCheck(control / len(chars), chars.count("\ufffd") / len(chars))
+
+
+def _require_text(path: Path, data: bytes) -> None:
+    got = check_text(data)
+    if not got.is_text:
+        raise DataError(
+            f"data file {str(path)!r} is not text: of its first "
+            f"{max(1, min(len(data), _TEXT_SAMPLE) // 1024)} KiB, {got.control:.0%} are "
+            f"NUL/control bytes (text: at most {_CONTROL_MAX:.0%}) and {got.undecodable:.0%} "
+            f"are not UTF-8 (at most {_UNDECODABLE_MAX:.0%}). Remove binary files from "
+            "data.paths (or narrow data.extensions for folders); convert UTF-16 text to "
+            "UTF-8"
+        )
 
 
 def _jsonl_documents(

@@ -1,9 +1,16 @@
 """Process group set-up and the few collectives yoto needs, on CPU (gloo) or CUDA (nccl).
 
 One process or many: under the ``deepspeed`` launcher, ``torchrun`` or SLURM the
-environment already names the rank and world; a bare ``yoto train`` is a world of one on
-127.0.0.1. Nothing here is a home-made distributed layer: it is torch.distributed as
+environment already names the rank and world; a bare ``yoto train`` is a world of one that
+listens on no network interface (an in-process store, the collective backend's socket on
+loopback). Nothing here is a home-made distributed layer: it is torch.distributed as
 DeepSpeed initialises it.
+
+What a many-host job needs open: the rendezvous port (``MASTER_ADDR:MASTER_PORT``, torch's
+TCPStore on rank 0, which listens on every interface) and the backend's own connections
+between ranks (gloo or NCCL on the interface ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``
+names, on ephemeral ports); the launcher sets those up, yoto adds no port of its own beyond
+``--metrics-addr`` (127.0.0.1 unless asked).
 """
 
 from __future__ import annotations
@@ -52,26 +59,53 @@ def choose_device(preference: str) -> torch.device:
     )
 
 
+# environment variables setup() set for this process alone (child_env leaves them out)
+_SET_HERE: set[str] = set()
+
+
+def _loopback_interface() -> str | None:
+    """The loopback interface's name (``lo`` on Linux, ``lo0`` on macOS), if there is one."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n in ("lo", "lo0")), None)
+
+
+def _init_world_of_one(backend: str) -> None:
+    """A world of one needs no rendezvous: an in-process store replaces torch's TCPStore
+    (which would listen on every interface for peers that do not exist), and the backend's
+    own socket goes on the loopback interface unless the user chose one."""
+    loopback = _loopback_interface()
+    variable = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+    if loopback is not None and variable not in os.environ:
+        os.environ[variable] = loopback
+        _SET_HERE.add(variable)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def setup(device: torch.device) -> DistInfo:
     """Initialise (once) the default process group the way DeepSpeed expects it."""
     if device.type == "cpu":
         # DeepSpeed picks its accelerator at import; make it the CPU one, quietly
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+    alone = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ
+    if alone:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    if not dist.is_initialized():
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if alone and not dist.is_initialized():
+        _init_world_of_one(backend)  # DeepSpeed then adopts this group as it is
+    if not dist.is_initialized() or not _deepspeed_has_backend():
         # DeepSpeed prints a line each time it loads its (cached) CPU comm op; keep the
         # terminal for yoto's own output unless something goes wrong
         chatter = io.StringIO()
         try:
             with contextlib.redirect_stdout(chatter):
-                deepspeed.init_distributed(
-                    dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False
-                )
+                deepspeed.init_distributed(dist_backend=backend, verbose=False)
         except BaseException:
             sys.stdout.write(chatter.getvalue())
             raise
@@ -81,10 +115,30 @@ def setup(device: torch.device) -> DistInfo:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
-        # ranks on one machine share its cores; oversubscription makes gloo crawl
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        torch.set_num_threads(cpu_threads(world))
     return DistInfo(rank, world, local_rank, device)
+
+
+def _deepspeed_has_backend() -> bool:
+    from deepspeed.comm import comm  # the module: its ``cdb`` is rebound at init
+
+    return comm.cdb is not None
+
+
+def cpu_threads(world: int) -> int:
+    """Threads per rank on the CPU: ``OMP_NUM_THREADS`` when the user set it (torch read it
+    at start-up; a job sharing the machine says its share that way), else the cores split
+    between this machine's ranks (oversubscription makes gloo crawl)."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if chosen:
+        try:
+            return max(1, int(chosen))
+        except ValueError:
+            raise ConfigError(
+                f"OMP_NUM_THREADS={chosen!r} is not a whole number of threads (e.g. 4)"
+            ) from None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -130,6 +184,7 @@ def child_env() -> dict[str, str]:
     """The environment for a child ``yoto``/``torchrun`` started by this process: without
     the process-group variables that :func:`setup` may have set for this one (the child
     would join this process's group instead of making its own)."""
-    env = {k: v for k, v in os.environ.items() if k not in _PROCESS_GROUP_VARIABLES}
+    drop = set(_PROCESS_GROUP_VARIABLES) | _SET_HERE
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONUNBUFFERED"] = "1"
     return env

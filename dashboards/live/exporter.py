@@ -20,9 +20,12 @@ few dictionary updates, so the training loop never waits on a scrape for long.
 
 from __future__ import annotations
 
+import errno
 import functools
+import ipaddress
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -63,7 +66,29 @@ def parse_addr(text: str) -> Address | None:
             f"metrics address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9477, or "
             "0.0.0.0:9477 to be scraped from another machine); '0' turns the exporter off"
         )
-    return Address(host.strip("[]") or "127.0.0.1", int(port))
+    host = host.strip("[]") or "127.0.0.1"
+    if re.fullmatch(r"[\d.]+", host) or ":" in host:  # an IP literal, not a host name
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                f"metrics address {text!r}: {host!r} is not a valid IP address (IPv4 is four "
+                "numbers 0-255, e.g. 127.0.0.1; IPv6 goes in brackets, e.g. [::1]:9477)"
+            ) from None
+    return Address(host, int(port))
+
+
+def _bind_problem(addr: Address, exc: OSError) -> str | None:
+    """Why ``addr`` can never be listened on, or None when only its port is taken."""
+    if exc.errno == errno.EADDRINUSE:
+        return None
+    if isinstance(exc, socket.gaierror):
+        return f"{addr.host!r} is not a known host name here ({exc.strerror})"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{addr.host} is not an address of this machine"
+    if exc.errno == errno.EACCES and 0 < addr.port < 1024:
+        return f"port {addr.port} is privileged (below 1024) and needs root"
+    return f"{exc.strerror or exc}"
 
 
 def even_subset(values: list[str], limit: int) -> list[str]:
@@ -125,6 +150,13 @@ class Exporter:
             try:
                 self.server, _thread = start_http_server(port, addr.host, registry=self.registry)
             except OSError as exc:
+                problem = _bind_problem(Address(addr.host, port), exc)
+                if problem is not None:  # no other port would do better
+                    raise ConfigError(
+                        f"cannot serve /metrics on {addr}: {problem}; choose another with "
+                        "--metrics-addr HOST:PORT (e.g. 127.0.0.1:9477), or --metrics-addr 0 "
+                        "to run without the exporter"
+                    ) from None
                 tried.append(f"{port}: {exc.strerror or exc}")
                 continue
             bound = Address(addr.host, self.server.server_address[1])
@@ -134,7 +166,7 @@ class Exporter:
             return bound
         raise ConfigError(
             f"cannot serve /metrics on {addr.host}: ports {addr.port}..{addr.port + port_search} "
-            f"are busy or not allowed ({'; '.join(tried[:3])}); choose another with "
+            f"are busy ({'; '.join(tried[:3])}); choose another with "
             "--metrics-addr HOST:PORT, or --metrics-addr 0 to run without the exporter"
         )
 

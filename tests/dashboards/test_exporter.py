@@ -149,3 +149,29 @@ def test_the_end_of_a_run_is_scraped_before_the_port_closes() -> None:
     crashed.serve(parse_addr("127.0.0.1:0"))
     crashed.close("crashed")
     assert crashed._ended == 0
+
+
+@pytest.mark.parametrize(
+    ("addr", "message"),
+    [
+        ("999.1.1.1:80", "'999.1.1.1' is not a valid IP address"),
+        ("[12::zz]:9477", "is not a valid IP address"),
+    ],
+)
+def test_an_invalid_host_is_named_at_parse(addr: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_addr(addr)
+
+
+@pytest.mark.parametrize(
+    ("addr", "message"),
+    [
+        # TEST-NET-3 (RFC 5737): valid, but never an address of this machine
+        ("203.0.113.7:9477", "203.0.113.7 is not an address of this machine"),
+        ("no-such-host.invalid:9477", "'no-such-host.invalid' is not a known host name"),
+    ],
+)
+def test_an_address_that_cannot_be_served_is_not_called_busy(addr: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as got:
+        Exporter("tiny").serve(parse_addr(addr), port_search=10)
+    assert "busy" not in str(got.value)

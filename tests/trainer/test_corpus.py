@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,34 @@ def test_bad_data_is_a_clear_error(tmp_path: Path, setup, message: str) -> None:
     path = setup(tmp_path)
     with pytest.raises(DataError, match=message):
         load_corpus(DataConfig(paths=[path]), min_tokens=129)
+
+
+def test_a_binary_file_is_not_text(tmp_path: Path) -> None:
+    """An executable renamed data.txt is refused, named, with what text would look like;
+    a folder holding one says which file."""
+    exe = tmp_path / "data.txt"
+    exe.write_bytes(Path(sys.executable).resolve().read_bytes()[: 256 * 1024])
+    with pytest.raises(DataError, match=r"'.*data.txt' is not text: .* NUL/control bytes"):
+        load_corpus(DataConfig(paths=[str(exe)]), min_tokens=65)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text " * 200)
+    (folder / "b.txt").write_bytes("utf-16 text ".encode("utf-16") * 100)
+    with pytest.raises(DataError, match=r"b.txt' is not text.*convert UTF-16"):
+        load_corpus(DataConfig(paths=[str(folder)]), min_tokens=65)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "plain ASCII prose\n\twith a tab\f and a form feed " * 50,
+        "UTF-8: café, Größe, 東京, emoji 🙂 " * 50,
+        "\x1b[1mterminal colours\x1b[0m in a log " * 50,
+    ],
+)
+def test_text_is_text(tmp_path: Path, data: str) -> None:
+    (tmp_path / "t.txt").write_text(data, encoding="utf-8")
+    latin = tmp_path / "latin1.txt"  # a byte tokenizer trains on Latin-1 prose as before
+    latin.write_bytes("crème brûlée à la française, naïve ".encode("latin-1") * 50)
+    corpus = load_corpus(DataConfig(paths=[str(tmp_path / "t.txt"), str(latin)]), min_tokens=65)
+    assert sorted(corpus.sources) == ["latin1", "t"]
