@@ -319,7 +319,7 @@ def run(
         )
         entry: dict[str, Any] = {"index": point.index, "point": point.values}
         try:
-            run_dir = train(
+            run_dir, status = train(
                 cfg,
                 run_root=run_root,
                 name=run_name(plan_, point),
@@ -327,7 +327,7 @@ def run(
                 live=(lambda cfg=cfg: live(cfg)) if live is not None else None,
                 manifest_extra={"sweep": plan_.tag(point)},
             )
-            entry.update(status="finished", run_dir=str(run_dir))
+            entry.update(status=status, run_dir=str(run_dir))
         except Exception as exc:  # one bad point must not lose the others
             log.error("sweep point %d (%s) failed: %s", point.index, point.label(), exc)
             entry.update(status="failed", error=str(exc))

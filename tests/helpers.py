@@ -38,12 +38,13 @@ def only_run(root: Path) -> Path:
     return runs[0]
 
 
-def train_in_process(root: Path, *args: str, name: str = "t") -> Path:
-    from yoto.cli import main
+def train_in_process(root: Path, *args: str, name: str = "t", status: str = "finished") -> Path:
+    """``yoto train`` in this process; the exit code must be the one for ``status``."""
+    from yoto.cli import EXIT_CODES, main
 
     before = set(Path(root).iterdir()) if Path(root).exists() else set()
     rc = main(["train", "--run-root", str(root), "--name", name, "--no-progress", *args])
-    assert rc == 0
+    assert rc == EXIT_CODES[status], f"exit code {rc}, expected {EXIT_CODES[status]} ({status})"
     new = [p for p in Path(root).iterdir() if p not in before]
     return new[0] if new else Path(args[args.index("--resume") + 1])
 

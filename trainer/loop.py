@@ -23,7 +23,7 @@ One optimizer step (``Trainer.step_once``), in order, and where each hook fires 
     decision = agree(policy(verdicts))        one action, the same on every rank
     sinks.write_step(values)                  run directory (+ live exporters)
     apply(decision)                           alert / rollback / LR cooldown / batch / halt
-    checkpoint (every checkpoint.every)       DeepSpeed save; COMPLETE sealed in background
+    checkpoint (every checkpoint.every)       rows flushed; DeepSpeed save; COMPLETE sealed later
 
 Every rank runs the same code; rank 0 alone writes through the sinks. Decisions that all
 ranks must share travel with collectives: the stop flag in a control tensor all-reduced
@@ -572,6 +572,11 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.checkpointer is None:
             return
+        if self.info.is_main:
+            # The record is at least as durable as the checkpoint: every row up to this
+            # step is on disk before the checkpoint can be sealed, so a resume from it
+            # never leaves a gap (one Parquet segment per checkpoint, fsync'd).
+            self.sinks.flush()
         if self.info.is_main:  # pruning after this save must keep the newest good one
             good = good_checkpoint(
                 list_checkpoints(self.checkpointer.root),

@@ -104,6 +104,11 @@ def make_trainer(
     return assemble(cfg, prepared, store.path, Sinks(durable=store), probes), store
 
 
+class Trained(NamedTuple):
+    run_dir: Path
+    status: str  # finished, halted or interrupted (a crash raises)
+
+
 def train(
     cfg: Config,
     run_root: str | Path = "runs",
@@ -112,8 +117,9 @@ def train(
     argv: list[str] | None = None,
     live: Callable[[], list[LiveSink]] | None = None,
     manifest_extra: dict[str, Any] | None = None,
-) -> Path:
-    """Train one run (or resume one); returns its run directory. ``live`` makes the live
+) -> Trained:
+    """Train one run (or resume one); returns its run directory and how it ended (the
+    same on every rank). ``live`` makes the live
     sinks (the Prometheus exporter, the chat notifier) on rank 0 once the config and data
     have passed their checks, before the run directory exists; they are bound to the run
     and closed with it. ``manifest_extra`` adds fields to the manifest (``yoto sweep``
@@ -125,7 +131,7 @@ def train(
     trainer: Trainer | None = None
     try:
         trainer = assemble(cfg, prepared, run_dir, sinks)
-        status = _run(trainer, run_dir, resume=resume is not None)
+        status = _run(trainer, run_dir, resume=resume is not None, store=store)
     except BaseException as exc:
         _record_crash(exc, trainer, store, sinks)
         raise
@@ -135,10 +141,10 @@ def train(
     if store is not None:
         _record_end(trainer, status, sinks, run_dir)
     distributed.barrier()
-    return run_dir
+    return Trained(run_dir, status)
 
 
-def _run(trainer: Trainer, run_dir: Path, resume: bool) -> str:
+def _run(trainer: Trainer, run_dir: Path, resume: bool, store: RunStore | None) -> str:
     """Resume if asked, then train to the end or an agreed stop; returns the status."""
     cfg, info = trainer.cfg, trainer.info
     if resume:
@@ -152,7 +158,7 @@ def _run(trainer: Trainer, run_dir: Path, resume: bool) -> str:
         device=info.device.type,
         resumed=resume,
     )
-    with _graceful_stop(trainer), contextlib.ExitStack() as stack:
+    with _graceful_stop(trainer, store), contextlib.ExitStack() as stack:
         progress = Progress(
             cfg.train.steps, trainer.branch.step, enabled=info.is_main and cfg.log.progress
         )
@@ -163,18 +169,22 @@ def _run(trainer: Trainer, run_dir: Path, resume: bool) -> str:
 def _record_crash(
     exc: BaseException, trainer: Trainer | None, store: RunStore | None, sinks: Sinks
 ) -> None:
-    """The way out for an exception: checkpoints still sealing are handed in, and rank 0
-    records how the run ended (crashed, interrupted, or, for a resume refused for bad
-    input, the status the run had before) and closes its sinks."""
+    """The way out for an exception. Rank 0 first writes how the run ended into the
+    manifest (crashed, interrupted, or, for a resume refused for bad input, the status the
+    run had before); then checkpoints still sealing are handed in, the end event written
+    and the sinks closed."""
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
+    refused = store is not None and isinstance(exc, YotoError) and store.previous_status
+    if refused:  # a resume refused for bad input leaves the run as it was
+        status = store.previous_status
+    if store is not None:  # first: the launcher's SIGKILL may be seconds away
+        with contextlib.suppress(Exception):
+            store.mark_ended(status)
     if trainer is not None:
         with contextlib.suppress(Exception):
             trainer.finish_checkpoints()
     if store is None:
         return
-    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
-    refused = isinstance(exc, YotoError) and store.previous_status
-    if refused:  # a resume refused for bad input leaves the run as it was
-        status = store.previous_status
     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     branch = trainer.branch if trainer is not None else Branch()
     sinks.write_event(
@@ -325,9 +335,11 @@ def _resume(trainer: Trainer, run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _graceful_stop(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM (scheduler preemption) or a first Ctrl-C: finish the step, checkpoint,
-    record 'interrupted'. A second Ctrl-C stops at once."""
+def _graceful_stop(trainer: Trainer, store: RunStore | None) -> Iterator[None]:
+    """SIGTERM (scheduler preemption) or a first Ctrl-C: the manifest says 'interrupted'
+    at once (a launcher's SIGKILL may follow within seconds, and a rank stuck in a
+    collective with a dead peer never finishes its step), then finish the step,
+    checkpoint and record the end. A second Ctrl-C stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -335,7 +347,17 @@ def _graceful_stop(trainer: Trainer) -> Iterator[None]:
     def request_stop(signum: int, frame: Any) -> None:
         if trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = not trainer.stop_requested
         trainer.stop_requested = True
+        if store is not None and first:
+            # on its own thread: this handler may have interrupted a manifest write that
+            # holds the manifest's lock on this very thread
+            threading.Thread(
+                target=store.mark_ended,
+                args=("interrupted",),
+                kwargs={"if_running": True},
+                name="yoto-mark-ended",
+            ).start()
         if trainer.info.is_main:
             print(
                 f"\n{signal.Signals(signum).name}: stopping after this step "

@@ -16,6 +16,11 @@
 
 Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
 printed as one clear message and exit with status 2; nothing else is caught.
+
+Exit codes of ``yoto train``, for schedulers (README "Exit codes"): 0 finished; 1 crashed
+(an exception, with its traceback); 2 bad input; 3 halted by the policy; 75 interrupted
+(SIGTERM, preemption or a first Ctrl-C: checkpointed, resume it; EX_TEMPFAIL, "try again");
+130 stopped at once by a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -258,7 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset = config_label(args)
     from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
 
-    train(
+    trained = train(
         cfg,
         run_root=args.run_root,
         name=name,
@@ -266,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv=sys.argv[1:],
         live=lambda: live_sinks(cfg, preset),
     )
-    return 0
+    return EXIT_CODES[trained.status]
 
 
 def live_sinks(cfg: config_mod.Config, preset: str) -> list[Any]:
@@ -389,7 +394,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     for r in runs:
         best = min(r.best_val_loss.values()) if r.best_val_loss else None
         print(
-            f"{r.id:44s} {r.status:11s} {_fmt_num(r.last_step, 'd'):>7s} "
+            f"{r.id:44s} {r.state:11s} {_fmt_num(r.last_step, 'd'):>7s} "
             f"{_fmt_tokens(r.tokens):>8s} {_fmt_num(r.train_loss):>8s} {_fmt_num(best):>9s} "
             f"{r.events.get('rollback', 0):>6d} {_fmt_time(r.start):16s}"
         )
@@ -412,7 +417,25 @@ def show_run(run_dir: str | Path) -> dict[str, Any]:
         "summary": summary.to_json(),
         "checkpoints": ckpts,
         "events": events,
+        "gaps": [str(g) for g in runstore.find_gaps(path)],
     }
+
+
+def _status_line(manifest: dict[str, Any]) -> str:
+    state = runstore.liveness(manifest)
+    if state == runstore.CRASHED_MAYBE:
+        return (
+            f"{state} (the manifest says running, but process {manifest.get('pid')} on "
+            f"{manifest.get('host')} is gone: killed without a word; resume it with "
+            "yoto train --resume)"
+        )
+    if state == runstore.STALE:
+        age = time.time() - float(manifest.get("updated") or 0)
+        return (
+            f"{state} (the manifest says running, but it was last updated {age / 60:.1f} min "
+            f"ago on {manifest.get('host')}: the process died or hangs)"
+        )
+    return state
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
@@ -427,7 +450,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     lines = [
         f"run      {m.get('id')}  ({m.get('name')})",
         f"path     {s['path']}",
-        f"status   {m.get('status')}  started {_fmt_time(m.get('start'))}, "
+        f"status   {_status_line(m)}  started {_fmt_time(m.get('start'))}, "
         f"{duration / 60:.1f} min, {m.get('world_size', '?')} rank(s) on {m.get('device', '?')}"
         f" at {m.get('host')}",
         f"code     {versions}"
@@ -444,6 +467,16 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     for source, value in sorted(s["val_loss"].items()):
         best = s["best_val_loss"].get(source)
         lines.append(f"val      {source:12s} last {value:.4f}  best {_fmt_num(best)}")
+    gaps = info["gaps"]
+    lines.append(
+        "record   "
+        + (f"GAP: {'; '.join(gaps[:5])}{' ...' if len(gaps) > 5 else ''}" if gaps else "no gap")
+        + (
+            f" (every step from 1 to {s['last_step']} recorded)"
+            if not gaps and s["last_step"]
+            else ""
+        )
+    )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s["events"].items())) or "none"
     lines.append(f"events   {counts}")
     notable = [e for e in info["events"] if e.get("severity") != "info"][-10:]
@@ -642,6 +675,11 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED_AT_ONCE = 130  # 128 + SIGINT, as a shell reports it
+EXIT_CODES = {"finished": 0, "halted": 3, "interrupted": 75}  # "crashed" raises: exit 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
@@ -653,7 +691,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except YotoError as exc:
         print(f"yoto: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # a second Ctrl-C; the run directory says 'interrupted'
+        print("yoto: stopped at once (no checkpoint of the last steps)", file=sys.stderr)
+        return EXIT_STOPPED_AT_ONCE
 
 
 if __name__ == "__main__":

@@ -207,6 +207,8 @@ class Sinks:
         self._each_live("flush")
 
     def close(self, status: str) -> None:
-        self._each_live("close", status)
+        # the record first: a live sink's close may wait (a last scrape, chat delivery)
+        # and a launcher may kill the process meanwhile
         if self.durable is not None:
             self.durable.close(status)
+        self._each_live("close", status)

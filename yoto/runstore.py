@@ -12,6 +12,13 @@
 Every file a reader may open is complete: Parquet segments and the manifest are written to
 a temporary name, fsync'd and renamed; events are whole lines, fsync'd one by one. Only
 rank 0 writes. Readers (the CLI, the Streamlit explorer, DuckDB) need nothing else.
+
+Rows are buffered (``flush_every_steps`` / ``flush_every_seconds``) and always flushed
+before a checkpoint is saved, so a crash loses at most the rows after the newest
+checkpoint, which the resume from it trains again. A step recorded twice is told apart by
+its attempt: a resume whose checkpoint is older than rows already on disk replays those
+steps as a new attempt (as a rollback does), so readers see each (attempt, step) once.
+:func:`find_gaps` says which steps have no row.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ COMPLETE = "COMPLETE"  # written last into a checkpoint folder (yoto.trainer.che
 _TAG = re.compile(r"^step-(\d+)$")
 
 STATUSES = ("running", "finished", "halted", "crashed", "interrupted")
+HEARTBEAT_SECONDS = 30.0  # the manifest's 'updated' is at most this old while a run lives
+STALE_AFTER_BEATS = 4  # a 'running' run not updated for this many heartbeats is stale
 _ROW_KEYS = ("attempt", "step", "time")
 
 
@@ -97,7 +106,12 @@ def environment_info() -> dict[str, Any]:
     for module in ("torch", "deepspeed", "pyarrow", "pydantic"):
         mod = sys.modules.get(module)
         versions[module] = getattr(mod, "__version__", None) if mod else None
-    return {"versions": versions, "host": socket.gethostname(), "git": _git_info()}
+    return {
+        "versions": versions,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),  # with host: whether a 'running' run's writer is still alive
+        "git": _git_info(),
+    }
 
 
 def _git_info() -> dict[str, Any] | None:
@@ -121,7 +135,11 @@ def _git_info() -> dict[str, Any] | None:
 
 
 class RunStore:
-    """Writes one run directory. Implements :class:`yoto.events.Sink`."""
+    """Writes one run directory. Implements :class:`yoto.events.Sink`.
+
+    While the run is open a heartbeat thread rewrites the manifest's ``updated`` time every
+    ``heartbeat_seconds`` (also during a long checkpoint or evaluation), so a reader can
+    tell a live run from one whose process died without a word (:func:`liveness`)."""
 
     def __init__(
         self,
@@ -129,19 +147,27 @@ class RunStore:
         manifest: dict[str, Any],
         flush_every_steps: int = 50,
         flush_every_seconds: float = 30.0,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
     ) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        self.manifest["heartbeat_seconds"] = heartbeat_seconds
         self.flush_every_steps = flush_every_steps
         self.flush_every_seconds = flush_every_seconds
         self.previous_status: str | None = None  # set by reopen(): the status before resume
         self._rows: list[dict[str, float]] = []
         self._layer_rows: list[tuple[int, int, str, str, float]] = []
         self._last_flush = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # events file
+        self._manifest_lock = threading.RLock()  # the manifest dict and its file
         (self.path / METRICS).mkdir(parents=True, exist_ok=True)
         (self.path / CHECKPOINTS).mkdir(exist_ok=True)
         self._events = open(self.path / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
+        self._closed = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._beat, args=(heartbeat_seconds,), name="yoto-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
 
     @classmethod
     def create(
@@ -167,6 +193,7 @@ class RunStore:
             "updated": now,
             **environment_info(),
             **dict(extra or {}),
+            "heartbeat_seconds": kwargs.get("heartbeat_seconds", HEARTBEAT_SECONDS),
             "summary": {},
         }
         atomic_write_bytes(path / CONFIG, config_yaml.encode())
@@ -226,8 +253,9 @@ class RunStore:
             self._write_segment(part)
         for part in _runs_of_attempt(layer_rows, lambda r: r[0]):
             self._write_layer_segment(part)
-        if rows:
-            self._summarise(rows)
+        with self._manifest_lock:
+            if rows:
+                self._summarise(rows)
         self._write_manifest()
 
     def write_records(
@@ -236,18 +264,28 @@ class RunStore:
         """Rows of a long table (e.g. spectra/) describing ``step``, written at once."""
         append_records(self.path, table, attempt, step, rows)
 
-    def close(self, status: str) -> None:
+    def mark_ended(self, status: str, if_running: bool = False) -> None:
+        """Write how the run ended to the manifest at once: the first thing on any way out
+        (a launcher's SIGKILL may follow its SIGTERM within seconds), before buffered rows,
+        checkpoints or chat are handed in. ``if_running``: only if no end is written yet
+        (a signal's 'interrupted' never replaces a 'crashed' already there)."""
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        with self._manifest_lock:  # the check and the write are one step
+            if if_running and self.manifest.get("status") != "running":
+                return
+            self.update_manifest(status=status, end=time.time())
+
+    def close(self, status: str) -> None:
+        self.mark_ended(status)
+        self._closed.set()
         self.flush()
-        self.manifest["status"] = status
-        self.manifest["end"] = time.time()
-        self._write_manifest()
         with self._lock:
             self._events.close()
 
     def update_manifest(self, **fields: Any) -> None:
-        self.manifest.update(fields)
+        with self._manifest_lock:
+            self.manifest.update(fields)
         self._write_manifest()
 
     # internals
@@ -305,8 +343,15 @@ class RunStore:
                     val_best[source] = value
 
     def _write_manifest(self) -> None:
-        self.manifest["updated"] = time.time()
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        with self._manifest_lock:
+            self.manifest["updated"] = time.time()
+            atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def _beat(self, seconds: float) -> None:
+        while not self._closed.wait(seconds):
+            # a full disk: the next flush says so on the training thread
+            with contextlib.suppress(OSError):
+                self._write_manifest()
 
 
 def write_parquet(directory: Path, stem: str, table: pa.Table) -> Path:
@@ -522,12 +567,46 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     return events
 
 
+CRASHED_MAYBE = "crashed?"  # 'running', but its process on this host is gone
+STALE = "stale"  # 'running', but its manifest stopped updating
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def liveness(manifest: Mapping[str, Any], now: float | None = None) -> str:
+    """The status to show for a run: the manifest's, except that a ``running`` run whose
+    writer is gone shows as ``crashed?`` (its host is this one and its pid is not alive)
+    or ``stale`` (no heartbeat for ``STALE_AFTER_BEATS`` beats: killed on another host,
+    or hung)."""
+    status = str(manifest.get("status", "unknown"))
+    if status != "running":
+        return status
+    pid, host = manifest.get("pid"), manifest.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and not _process_alive(pid):
+        return CRASHED_MAYBE
+    beat = float(manifest.get("heartbeat_seconds") or HEARTBEAT_SECONDS)
+    updated = manifest.get("updated")
+    now = time.time() if now is None else now
+    if isinstance(updated, int | float) and now - updated > STALE_AFTER_BEATS * beat:
+        return STALE
+    return status
+
+
 @dataclass
 class RunSummary:
     path: Path
     id: str
     name: str
-    status: str
+    status: str  # as the manifest says
+    state: str  # what to show: the status, or crashed?/stale for a dead 'running' run
     start: float | None
     end: float | None
     last_step: int | None
@@ -559,6 +638,7 @@ def summarize(path: str | Path) -> RunSummary:
         id=manifest.get("id", path.name),
         name=manifest.get("name", ""),
         status=manifest.get("status", "unknown"),
+        state=liveness(manifest),
         start=manifest.get("start"),
         end=manifest.get("end"),
         last_step=int(last_step) if last_step is not None else None,
@@ -607,6 +687,61 @@ def list_runs(root: str | Path) -> list[RunSummary]:
             print(f"warning: {exc}", file=sys.stderr)
     runs.sort(key=lambda r: r.start or 0, reverse=True)
     return runs
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Steps ``first..last`` with no metric row: inside ``attempt``'s rows, or (attempt
+    None) in no attempt at all, on the way from step 1 to the newest recorded step."""
+
+    attempt: int | None
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        steps = (
+            f"step {self.first}" if self.first == self.last else (f"steps {self.first}-{self.last}")
+        )
+        where = "in no attempt" if self.attempt is None else f"in attempt {self.attempt}"
+        return f"{steps} missing {where}"
+
+
+def _holes(steps: Iterable[int], first: int, last: int) -> list[tuple[int, int]]:
+    have = sorted(set(steps))
+    holes, expect = [], first
+    for step in have:
+        if step > expect:
+            holes.append((expect, step - 1))
+        expect = max(expect, step + 1)
+    if expect <= last:
+        holes.append((expect, last))
+    return holes
+
+
+def find_gaps(path: str | Path) -> list[Gap]:
+    """Steps without a metric row. Every step writes one, so each attempt's rows run without
+    a hole from its first step to its last, and all attempts together cover step 1 to the
+    newest one (a rollback's or resume's attempt starts right after its checkpoint)."""
+    by_attempt: dict[int, list[int]] = {}
+    for file in segment_files(require_run_dir(path)):
+        try:
+            t = pq.read_table(file, columns=["attempt", "step"])
+        except (OSError, pa.ArrowInvalid):
+            continue  # read_table warns about a damaged segment
+        for attempt, step in zip(t["attempt"].to_pylist(), t["step"].to_pylist(), strict=True):
+            by_attempt.setdefault(int(attempt), []).append(int(step))
+    gaps = [
+        Gap(attempt, lo, hi)
+        for attempt, steps in sorted(by_attempt.items())
+        for lo, hi in _holes(steps, min(steps), max(steps))
+    ]
+    every = [s for steps in by_attempt.values() for s in steps]
+    if every:
+        inside = {(g.first, g.last) for g in gaps}
+        gaps += [
+            Gap(None, lo, hi) for lo, hi in _holes(every, 1, max(every)) if (lo, hi) not in inside
+        ]
+    return sorted(gaps, key=lambda g: (g.first, g.attempt is not None, g.attempt or 0))
 
 
 def last_recorded(path: str | Path) -> tuple[int, int] | None:

@@ -99,7 +99,7 @@ def runs_frame(paths: Sequence[Path]) -> pd.DataFrame:
             {
                 "run": s.id,
                 "name": s.name,
-                "status": s.status,
+                "status": s.state,
                 "steps": s.last_step,
                 "tokens": s.tokens,
                 "train loss (nats)": s.train_loss,

@@ -1,7 +1,11 @@
 """Two ranks on CPU (gloo) under torchrun and under the deepspeed launcher: one run
 directory, written by rank 0 only, training on halves of the same global batch."""
 
+import os
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +81,60 @@ def test_two_ranks_write_one_run_directory(tmp_path: Path, name: str, one_rank_r
     for key, rel in ((catalog.TRAIN_LOSS.name, 1e-5), (catalog.GRAD_NORM.name, 1e-4)):
         assert t[key][0] == pytest.approx(ref[key][0], rel=rel)
         assert t[key][-1] == pytest.approx(ref[key][-1], rel=10 * rel)
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of the workers torchrun started (its children, by their RANK)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = dict(
+                item.split("=", 1)
+                for item in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
+        except (OSError, ValueError, IndexError):
+            continue  # it ended meanwhile
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_rank_killed_mid_run_ends_the_run_crashed(tmp_path: Path) -> None:
+    """SIGKILL to rank 1: rank 0 fails in its next collective and torchrun SIGTERMs it;
+    the manifest must say 'crashed' (written first on the way out), not 'running'. A chat
+    webhook that refuses connections makes the way out long (the notifier drains its
+    queue), as a real one that is slow would."""
+    sets = [
+        x for item in (*FAST, "train.steps=100000", "checkpoint.every=5") for x in ("--set", item)
+    ]
+    cmd = [*torchrun(2), "-m", "yoto.cli", "train", "--run-root", str(tmp_path)]
+    cmd += ["--no-progress", "--metrics-addr", "0", *sets]
+    env = subprocess_env()
+    env["DS_ACCELERATOR"] = "cpu"
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        env["YOTO_NOTIFY_URLS"] = f"json://127.0.0.1:{closed.getsockname()[1]}/"
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob(f"*/{runstore.CHECKPOINTS}/step-5/COMPLETE")):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint sealed"
+            time.sleep(0.1)
+        os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out
+    run = only_run(tmp_path)
+    assert runstore.read_manifest(run)["status"] == "crashed", out[-3000:]
+    assert runstore.summarize(run).state == "crashed"

@@ -108,7 +108,9 @@ def test_rollback_budget_ends_in_halt_with_status_event_and_alert(tmp_path: Path
     args = []
     for item in (*FAST, *CADENCE, "policy.rollback.max_rollbacks=1"):
         args += ["--set", item]
-    run = train_in_process(tmp_path, *args, "--inject", "nan_grad@70", "--inject", "nan_grad@100")
+    run = train_in_process(
+        tmp_path, *args, "--inject", "nan_grad@70", "--inject", "nan_grad@100", status="halted"
+    )
     manifest = runstore.read_manifest(run)
     assert manifest["status"] == "halted"
     [halt] = events_of(run, "halt")

@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import FAST, only_run, subprocess_env, train_in_process, yoto_bin
 from yoto import catalog, runstore
+from yoto.cli import EXIT_CODES
 from yoto.config import load_config
 from yoto.trainer.schedule import BatchRamp
 
@@ -223,7 +224,7 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    assert proc.returncode == EXIT_CODES["interrupted"] == 75, out  # EX_TEMPFAIL: resume it
     run = only_run(tmp_path)
     summary = runstore.summarize(run)
     assert summary.status == "interrupted"

@@ -1,5 +1,10 @@
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,7 +29,8 @@ def test_create_writes_manifest_and_config(tmp_path: Path) -> None:
     m = json.loads((store.path / "manifest.json").read_text())
     assert m["status"] == "running" and m["name"] == "My Run!" and m["world_size"] == 1
     assert store.path.name.endswith(m["id"][-4:]) and "-my-run-" in m["id"]
-    assert {"versions", "host", "start", "git"} <= set(m)
+    assert {"versions", "host", "pid", "heartbeat_seconds", "start", "git"} <= set(m)
+    assert m["pid"] == os.getpid()
     assert (store.path / "config.yaml").read_text() == "train:\n  steps: 3\n"
     assert (store.path / "metrics").is_dir() and (store.path / "checkpoints").is_dir()
 
@@ -153,3 +159,65 @@ def test_empty_run_reads_as_empty(tmp_path: Path) -> None:
     table = runstore.read_metrics(store.path)
     assert table.num_rows == 0 and table.column_names == ["attempt", "step", "time"]
     assert runstore.read_events(store.path) == []
+
+
+def _manifest(**fields) -> dict:
+    base = {"status": "running", "host": socket.gethostname(), "pid": os.getpid()}
+    return {**base, "updated": 1000.0, "heartbeat_seconds": 30.0, **fields}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # reaped: no process has it (pids are not reused this soon)
+
+
+def test_liveness_tells_a_dead_run_from_a_live_one() -> None:
+    beat = 30.0
+    fresh = 1000.0 + beat  # one heartbeat after the last update
+    late = 1000.0 + runstore.STALE_AFTER_BEATS * beat + 1
+    assert runstore.liveness(_manifest(), now=fresh) == "running"
+    assert runstore.liveness(_manifest(pid=_dead_pid()), now=fresh) == runstore.CRASHED_MAYBE
+    # on another host its pid says nothing: staleness does
+    elsewhere = _manifest(host="some-other-node", pid=_dead_pid())
+    assert runstore.liveness(elsewhere, now=fresh) == "running"
+    assert runstore.liveness(elsewhere, now=late) == runstore.STALE
+    # an ended run is what it says, however old
+    assert runstore.liveness(_manifest(status="finished", pid=_dead_pid()), now=late) == "finished"
+
+
+def test_the_heartbeat_keeps_a_quiet_run_updated_and_stops_at_close(tmp_path: Path) -> None:
+    store = make(tmp_path, heartbeat_seconds=0.05, flush_every_seconds=1e9)
+    first = runstore.read_manifest(store.path)["updated"]
+    deadline = time.monotonic() + 30
+    while runstore.read_manifest(store.path)["updated"] == first:  # no row, no event
+        assert time.monotonic() < deadline, "no heartbeat"
+        time.sleep(0.02)
+    assert runstore.read_manifest(store.path)["heartbeat_seconds"] == 0.05
+    store.close("finished")
+    store._heartbeat.join(5)
+    assert not store._heartbeat.is_alive()
+    assert runstore.read_manifest(store.path)["status"] == "finished"
+
+
+def test_find_gaps_names_missing_steps(tmp_path: Path) -> None:
+    store = make(tmp_path, flush_every_steps=1)
+    for step in (1, 2, 3, 6, 7):  # 4 and 5 lost
+        store.write_step(0, step, {LOSS: 1.0})
+    for step in (6, 7, 8, 10):  # attempt 1 retakes 6.. after a rollback to step 5; 9 lost
+        store.write_step(1, step, {LOSS: 1.0})
+    store.close("finished")
+    gaps = runstore.find_gaps(store.path)
+    assert [str(g) for g in gaps] == [
+        "steps 4-5 missing in attempt 0",
+        "step 9 missing in attempt 1",
+    ]
+    assert [(g.attempt, g.first, g.last) for g in gaps] == [(0, 4, 5), (1, 9, 9)]
+
+
+def test_find_gaps_sees_steps_no_attempt_has(tmp_path: Path) -> None:
+    store = make(tmp_path, flush_every_steps=1)
+    for step in (4, 5):  # 1..3 were buffered when the process died
+        store.write_step(0, step, {LOSS: 1.0})
+    store.close("finished")
+    assert [str(g) for g in runstore.find_gaps(store.path)] == ["steps 1-3 missing in no attempt"]
