@@ -13,6 +13,8 @@ any other is skipped with a reason the caller records as an event.
 
 from __future__ import annotations
 
+import errno
+import gc
 import hashlib
 import json
 import os
@@ -20,6 +22,7 @@ import queue
 import shutil
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from yoto.errors import DiskFull
 from yoto.runstore import (
     COMPLETE,
     CheckpointDir,
@@ -39,6 +43,16 @@ from yoto.runstore import (
 from . import distributed
 
 _CHUNK = 8 << 20
+_NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 def _hash_file(path: Path) -> str:
@@ -172,16 +186,58 @@ class Checkpointer:
             shutil.rmtree(path)
         distributed.barrier()
         started = time.perf_counter()
-        engine.save_checkpoint(
-            str(self.root), tag=path.name, client_state=client_state, save_latest=False
-        )
-        torch.save(rng_state(), path / _rank_file(self.rank))
+        full_at: int | None = None
+        try:
+            engine.save_checkpoint(
+                str(self.root), tag=path.name, client_state=client_state, save_latest=False
+            )
+            torch.save(rng_state(), path / _rank_file(self.rank))
+        except Exception as exc:
+            full_at = self._free_if_disk_full(exc)
+            if full_at is None:
+                raise
+            # the failed writer's frames hold its open file, whose blocks stay taken
+            traceback.clear_frames(exc.__traceback__)
+        if full_at is not None:  # raised outside the handler: one message, no chain
+            self._disk_full(path, full_at)
         distributed.barrier()  # every rank's shards are on disk before rank 0 seals them
         if self.rank == 0:
             self._thread = threading.Thread(
                 target=self._finalise, args=(path, step, started), name="yoto-ckpt", daemon=True
             )
             self._thread.start()
+
+    def last_size(self) -> int | None:
+        """Bytes of the newest sealed checkpoint (what the next one will take), if any."""
+        for ckpt in reversed(list_checkpoints(self.root)):
+            try:
+                marker = json.loads((ckpt.path / COMPLETE).read_text())
+                return sum(int(f["size"]) for f in marker["files"].values())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
+    def _free_if_disk_full(self, exc: Exception) -> int | None:
+        """The free bytes when a failed save is a full disk, whatever the writer said
+        (torch reports it as "unexpected pos" or an iostream error); None otherwise."""
+        free = shutil.disk_usage(self.root).free
+        nospace = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _causes(exc))
+        if nospace or free < max(self.last_size() or 0, _NEARLY_FULL):
+            return free
+        return None
+
+    def _disk_full(self, path: Path, free: int) -> None:
+        """The unsealed folder is removed (no resume would use it, and the run's record
+        needs the room), then the one message."""
+        gc.collect()  # close what the failed writer left open
+        shutil.rmtree(path, ignore_errors=True)
+        after = shutil.disk_usage(self.root).free
+        raise DiskFull(
+            f"no space left on device while writing checkpoint {path.name} "
+            f"({free / 2**20:.1f} MB free at {self.root}; {after / 2**20:.1f} MB once the "
+            "unsealed checkpoint was removed). Free space, lower checkpoint.keep_last or "
+            "move --run-root, then resume: yoto train --resume RUN_DIR"
+        )
 
     def _finalise(self, path: Path, step: int, started: float) -> None:
         try:

@@ -36,6 +36,7 @@ restores from the checkpoint, and ``Trainer.history``, which survives it.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -113,6 +114,7 @@ class Trainer:
         self.policy = Policy(cfg.policy)
         self.faults = FaultInjector(cfg.faults, info.rank, cfg.train.precision)
         self._last_saved_step = -1
+        self._warned_disk = False  # the "next checkpoint will not fit" warning is out
         self.verdicts: list[Verdict] = []  # of the last step
         self.decision = Decision(Action.NONE)  # of the last step
         self.b_noise: float | None = None  # latest gradient noise scale, sequences
@@ -577,6 +579,7 @@ class Trainer:
             # step is on disk before the checkpoint can be sealed, so a resume from it
             # never leaves a gap (one Parquet segment per checkpoint, fsync'd).
             self.sinks.flush()
+            self._warn_if_checkpoint_will_not_fit()
         if self.info.is_main:  # pruning after this save must keep the newest good one
             good = good_checkpoint(
                 list_checkpoints(self.checkpointer.root),
@@ -588,6 +591,25 @@ class Trainer:
             self.checkpointer.protect = {good.step} if good is not None else set()
         self.checkpointer.save(self.engine, self.branch.step, self.client_state())
         self._last_saved_step = self.branch.step
+
+    def _warn_if_checkpoint_will_not_fit(self) -> None:
+        """Rank 0, before a save: a warning event when the free space at the checkpoint
+        folder is less than the last checkpoint took (once, until there is room again)."""
+        assert self.checkpointer is not None
+        needed = self.checkpointer.last_size()
+        free = shutil.disk_usage(self.checkpointer.root).free
+        short = needed is not None and free < needed
+        if short and not self._warned_disk:
+            self.event(
+                EventKind.CHECKPOINT,
+                Severity.WARNING,
+                f"the next checkpoint (~{needed / 2**20:.1f} MB) will not fit: "
+                f"{free / 2**20:.1f} MB free at {self.checkpointer.root}; free space or "
+                "lower checkpoint.keep_last",
+                needed_bytes=needed,
+                free_bytes=free,
+            )
+        self._warned_disk = short
 
     def restore(self, ckpt: CheckpointDir, resume: bool = False) -> None:
         """Load a checkpoint on every rank: model, optimizer, sampler, probes, the branch.

@@ -22,7 +22,7 @@ import torch
 
 from yoto import runstore
 from yoto.config import Config
-from yoto.errors import YotoError
+from yoto.errors import RunFailed, YotoError
 from yoto.events import Event, EventKind, LiveSink, Severity, Sinks
 from yoto.probes.suite import build_runner
 from yoto.runstore import RunStore
@@ -185,7 +185,11 @@ def _record_crash(
             trainer.finish_checkpoints()
     if store is None:
         return
-    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    detail = (
+        str(exc)  # its message is the whole story
+        if isinstance(exc, RunFailed)
+        else "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    )
     branch = trainer.branch if trainer is not None else Branch()
     sinks.write_event(
         Event(

@@ -36,7 +36,7 @@ from typing import Any
 
 from yoto import config as config_mod
 from yoto import runstore
-from yoto.errors import ConfigError, YotoError
+from yoto.errors import ConfigError, RunFailed, YotoError
 
 DEFAULT_PRESET = "tiny"
 
@@ -675,6 +675,7 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+EXIT_CRASHED = 1  # as an uncaught exception exits
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED_AT_ONCE = 130  # 128 + SIGINT, as a shell reports it
 EXIT_CODES = {"finished": 0, "halted": 3, "interrupted": 75}  # "crashed" raises: exit 1
@@ -692,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     except YotoError as exc:
         print(f"yoto: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as exc:  # the run directory says 'crashed' and why
+        print(f"yoto: error: {exc}", file=sys.stderr)
+        return EXIT_CRASHED
     except KeyboardInterrupt:  # a second Ctrl-C; the run directory says 'interrupted'
         print("yoto: stopped at once (no checkpoint of the last steps)", file=sys.stderr)
         return EXIT_STOPPED_AT_ONCE

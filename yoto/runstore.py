@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -46,6 +47,8 @@ import pyarrow.parquet as pq
 from yoto import __version__, catalog
 from yoto.errors import RunDirError
 from yoto.events import Event
+
+log = logging.getLogger("yoto.runstore")
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -277,9 +280,17 @@ class RunStore:
             self.update_manifest(status=status, end=time.time())
 
     def close(self, status: str) -> None:
-        self.mark_ended(status)
+        """End the record: the status first, then the buffered rows, then the events file.
+        A full disk loses what does not fit, said in one log line each, never the rest."""
         self._closed.set()
-        self.flush()
+        for what, write in (
+            ("the final status", lambda: self.mark_ended(status)),
+            ("the buffered metric rows", self.flush),
+        ):
+            try:
+                write()
+            except OSError as exc:
+                log.error("could not write %s to %s: %s", what, self.path, exc.strerror or exc)
         with self._lock:
             self._events.close()
 

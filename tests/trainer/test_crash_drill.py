@@ -7,6 +7,7 @@ recorded, and ``yoto runs show`` reports no gap."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -95,3 +96,59 @@ def test_kill_9_then_resume_leaves_no_gap(tmp_path: Path, capsys) -> None:
     )
     assert show.returncode == 0, show.stderr
     assert f"record   no gap (every step from 1 to {STEPS} recorded)" in show.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 25 MiB tmpfs (two tiny checkpoints and change); skipped where none can be mounted
+    (it takes root, or a user namespace)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    got = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=25m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here for the disk-full drill: {got.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_message_a_crashed_run_and_a_resume(small_disk: Path) -> None:
+    cmd = [str(VENV_BIN / "yoto"), "train", "--run-root", str(small_disk), "--no-progress"]
+    proc = subprocess.run(
+        [*cmd, "--metrics-addr", "0", *SETS, "--set", "checkpoint.keep_last=5"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    [line] = proc.stderr.strip().splitlines()  # one line, no traceback
+    assert re.fullmatch(
+        r"yoto: error: no space left on device while writing checkpoint step-30 "
+        r"\(\d+\.\d MB free at .*/checkpoints; \d+\.\d MB once the unsealed checkpoint was "
+        r"removed\)\. .*then resume: yoto train --resume RUN_DIR",
+        line,
+    ), line
+    run = only_run(small_disk)
+    assert runstore.read_manifest(run)["status"] == "crashed"
+    events = runstore.read_events(run)
+    [warned] = [e for e in events if "will not fit" in e["message"]]
+    assert warned["step"] == 30 and warned["severity"] == "warning"
+    [end] = [e for e in events if e["kind"] == EventKind.END]
+    assert end["message"].startswith("run crashed: no space left on device")
+    steps = pq.read_table(runstore.segment_files(run), columns=["step"])["step"].to_pylist()
+    assert steps == list(range(1, 31))  # the rows up to the failed save are kept
+    ckpts = runstore.list_checkpoints(run / runstore.CHECKPOINTS)
+    assert [(c.step, c.complete) for c in ckpts] == [(10, True), (20, True)]
+
+    subprocess.run(["mount", "-o", "remount,size=100m", str(small_disk)], check=True)
+    resumed = _yoto("train", "--resume", str(run))
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    assert runstore.read_manifest(run)["status"] == "finished"
+    assert runstore.find_gaps(run) == []
