@@ -738,7 +738,7 @@ def find_gaps(path: str | Path) -> list[Gap]:
         try:
             t = pq.read_table(file, columns=["attempt", "step"])
         except (OSError, pa.ArrowInvalid):
-            continue  # read_table warns about a damaged segment
+            continue  # a damaged segment: its steps show as missing
         for attempt, step in zip(t["attempt"].to_pylist(), t["step"].to_pylist(), strict=True):
             by_attempt.setdefault(int(attempt), []).append(int(step))
     gaps = [

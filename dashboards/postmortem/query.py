@@ -73,35 +73,53 @@ def readable(files: list[str]) -> tuple[list[str], list[str]]:
     return good, bad
 
 
+_FILES = "read_parquet($files, union_by_name = true)"
+
+
 @dataclass(frozen=True)
 class Table:
-    """One table of a run, ready to query: ``FROM {src}``."""
+    """One table of a run, ready to query: ``FROM {src}``.
+
+    A table pruned to some of its segments (:meth:`between`, :meth:`newest`, :meth:`only`)
+    keeps the whole table's ``schema``: a series absent from the kept files (a probe that
+    did not run in those steps) reads as NULL there instead of failing the query."""
 
     files: tuple[str, ...]
     roots: tuple[Path, ...]
     damaged: tuple[str, ...] = ()
+    schema: tuple[str, ...] = ()  # the whole table's columns, for a pruned one
 
     @property
     def src(self) -> str:
-        return "read_parquet($files, union_by_name = true)"
+        missing = [c for c in self.schema if c not in set(self._file_columns)]
+        if not missing:
+            return _FILES
+        nulls = ", ".join(f"NULL::DOUBLE AS {quote(c)}" for c in missing)
+        return f"(SELECT *, {nulls} FROM {_FILES})"
 
     def query(self, sql: str, params: dict | None = None) -> duckdb.DuckDBPyRelation:
-        con = connect(self.roots)
         # replace, not str.format: series keys hold braces
-        sql = sql.replace("{src}", self.src)
+        return self._execute(sql.replace("{src}", self.src), params)
+
+    def _execute(self, sql: str, params: dict | None = None) -> duckdb.DuckDBPyRelation:
+        con = connect(self.roots)
         return con.execute(sql, {"files": list(self.files), **(params or {})})
 
     def df(self, sql: str, params: dict | None = None) -> pd.DataFrame:
         return self.query(sql, params).df()
 
     @functools.cached_property
-    def _columns(self) -> tuple[str, ...]:
+    def _file_columns(self) -> tuple[str, ...]:
         if not self.files:
             return ()
-        return tuple(r[0] for r in self.query("DESCRIBE SELECT * FROM {src}").fetchall())
+        return tuple(r[0] for r in self._execute(f"DESCRIBE SELECT * FROM {_FILES}").fetchall())
 
     def columns(self) -> list[str]:
-        return list(self._columns)
+        own = self._file_columns
+        return [*own, *(c for c in self.schema if c not in set(own))]
+
+    def _pruned(self, files: tuple[str, ...]) -> Table:
+        return Table(files, self.roots, self.damaged, tuple(self.columns()))
 
     @functools.cached_property
     def spans(self) -> dict[str, tuple[int, int, int]] | None:
@@ -129,18 +147,18 @@ class Table:
         if self.spans is None:
             return self
         files = tuple(f for f in self.files if self.spans[f][1] <= hi and self.spans[f][2] >= lo)
-        return Table(files, self.roots, self.damaged) if files else self
+        return self._pruned(files) if files else self
 
     def newest(self, n: int = 2) -> Table:
         """The last ``n`` segments (by name: attempt, then step)."""
-        return Table(tuple(sorted(self.files)[-n:]), self.roots, self.damaged)
+        return self._pruned(tuple(sorted(self.files)[-n:]))
 
     def only(self, attempts: set[int]) -> Table:
         """The segments of the given attempts only (file pruning by name)."""
         if self.spans is None:
             return self
         files = tuple(f for f in self.files if self.spans[f][0] in attempts)
-        return Table(files, self.roots, self.damaged) if files else self
+        return self._pruned(files) if files else self
 
 
 def table(run: Path, folder: str, roots: Sequence[Path]) -> Table | None:

@@ -241,3 +241,26 @@ def test_markers_keep_the_most_severe_and_only_marked_kinds() -> None:
     top = charts.markers(events, limit=2)
     assert list(top.kind) == [EventKind.HALT, EventKind.SPIKE] and list(top.step) == [9, 0]
     assert set(charts.MARKED) <= set(EventKind)
+
+
+def test_a_window_over_segments_without_a_series_reads_it_as_missing(
+    tmp_path: Path, yoto_runs
+) -> None:
+    """A probe's series can be absent from some segments (it did not run in those steps;
+    every checkpoint cuts a segment): a window whose segments all lack it must draw what
+    they have, not fail on the missing column."""
+    store = runstore.RunStore.create(tmp_path, "sparse", "", flush_every_steps=1000)
+    noise = catalog.GRADIENT_NOISE_SCALE.name
+    for step in range(1, 11):
+        store.write_step(0, step, {LOSS: 2.0, noise: 100.0 + step})
+    store.flush()
+    for step in range(11, 21):  # the probe is off here
+        store.write_step(0, step, {LOSS: 1.0})
+    store.close("finished")
+    yoto_runs(tmp_path)
+    t = data.table(store.path, runstore.METRICS)
+    assert noise in t.columns() and noise in t.between(11, 20).columns()
+    frame = query.series(t, [LOSS, noise], window=(12, 18))
+    assert set(frame.series) == {LOSS} and sorted(frame.x) == list(range(12, 19))
+    whole = query.series(t, [noise])
+    assert sorted(whole.x) == list(range(1, 11))
