@@ -580,7 +580,7 @@ class Trainer:
             # never leaves a gap (one Parquet segment per checkpoint, fsync'd).
             self.sinks.flush()
             self._warn_if_checkpoint_will_not_fit()
-        if self.info.is_main:  # pruning after this save must keep the newest good one
+            # pruning after this save must keep the newest good one
             good = good_checkpoint(
                 list_checkpoints(self.checkpointer.root),
                 self.history,
