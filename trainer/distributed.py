@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,8 +129,9 @@ def _deepspeed_has_backend() -> bool:
 
 def cpu_threads(world: int) -> int:
     """Threads per rank on the CPU: ``OMP_NUM_THREADS`` when the user set it (torch read it
-    at start-up; a job sharing the machine says its share that way), else the cores split
-    between this machine's ranks (oversubscription makes gloo crawl)."""
+    at start-up; a job sharing the machine says its share that way), else the CPUs this
+    process may use (:func:`usable_cpus`) split between this machine's ranks
+    (oversubscription makes gloo crawl)."""
     chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
     if chosen:
         try:
@@ -138,7 +141,27 @@ def cpu_threads(world: int) -> int:
                 f"OMP_NUM_THREADS={chosen!r} is not a whole number of threads (e.g. 4)"
             ) from None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    return max(1, (os.cpu_count() or 1) // max(1, local))
+    return max(1, usable_cpus() // max(1, local))
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def usable_cpus(cpu_max: Path | None = None) -> int:
+    """The CPUs this process may run on: its affinity (``taskset``, a Slurm or cgroup
+    cpuset), and no more than its cgroup's CPU quota (``docker --cpus``, a Kubernetes CPU
+    limit), rounded up. ``os.cpu_count()`` counts the whole host and ignores both."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = (cpu_max or CGROUP_CPU_MAX).read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 quota here
+        pass
+    return max(1, cpus)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -267,7 +267,11 @@ def _open_record(
         for sink in live_sinks:
             sink.close("crashed")
         raise
-    run = {"run": store.manifest["id"], "name": store.manifest.get("name", record.name)}
+    run = {
+        "run": store.manifest["id"],
+        "name": store.manifest.get("name", record.name),
+        "dir": str(store.path),  # where a live sink may keep its own record (chat's outbox)
+    }
     for sink in live_sinks:
         store.update_manifest(**sink.bind_run(run))
     return store, Sinks(durable=store, live=live_sinks)

@@ -444,7 +444,8 @@ ALERTS_FAILED = _metric(
     "yoto_alerts_failed_total",
     "counter",
     "",
-    "Chat delivery attempts that failed (each retry counts).",
+    "Chat delivery attempts that failed (each retry counts; with sent, the requests the "
+    "endpoint saw).",
     labels=("channel",),
     cadence="event",
 )
@@ -452,7 +453,9 @@ ALERTS_DROPPED = _metric(
     "yoto_alerts_dropped_total",
     "counter",
     "",
-    "Notifications not sent: duplicate, rate_limited, queue_full or gave_up after retries.",
+    "Notifications not sent: filtered before the queue (duplicate, rate_limited, "
+    "queue_full), or not delivered to a channel (gave_up after retries, refused by the "
+    "endpoint, undelivered when the run ended; these are kept for 'yoto alerts resend').",
     labels=("reason",),
     cadence="event",
 )

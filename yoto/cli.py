@@ -26,11 +26,13 @@ Exit codes of ``yoto train``, for schedulers (README "Exit codes"): 0 finished; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
         "config's URLs, from $YOTO_NOTIFY_URLS or notify.urls_file)",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for delivery")
+    p = alerts_sub.add_parser(
+        "resend",
+        help="deliver the chat messages a run kept (given up on, refused, or still queued "
+        "when it ended); exit 1 while any is still kept",
+    )
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--url",
+        action="append",
+        help="Apprise URL to deliver to (repeatable; default: $YOTO_NOTIFY_URLS or the "
+        "notify config's urls_file, as a run finds them)",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for delivery")
     p = sub.add_parser("explore", help="open the post-mortem explorer (Streamlit) on runs")
     p.add_argument("paths", nargs="*", default=["runs"], help="run directories or roots")
     p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
@@ -318,20 +333,51 @@ def cmd_alerts_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_alerts_test(args: argparse.Namespace) -> int:
-    """One message through the same notifier a run uses; exit 1 when it was not delivered."""
-    from yoto.alerts.notifier import ChatNotifier, channel_of, resolve_urls
-    from yoto.events import Event, EventKind, Severity
+def _one_off_notifier(urls: list[str], timeout: float, run: dict[str, str], command: str) -> Any:
+    """The notifier a run uses, made for a command that delivers and stops: messages wait
+    up to ``timeout`` for their channel."""
+    from yoto.alerts.notifier import ChatNotifier, resolve_urls
 
     cfg = config_mod.Config()
-    urls = [args.url] if args.url else resolve_urls(cfg.notify)
+    urls = urls or resolve_urls(cfg.notify)
     if not urls:
         raise ConfigError(
-            f"no chat URL: give one (yoto alerts test slack://...) or set ${cfg.notify.urls_env}"
+            f"no chat URL: give one ({command} slack://...) or set ${cfg.notify.urls_env}"
         )
-    cfg.notify.give_up_after_seconds = args.timeout
-    cfg.notify.backoff_seconds = min(cfg.notify.backoff_seconds, args.timeout / 4)
-    notifier = ChatNotifier(urls, cfg.notify, {"run": "test", "name": "yoto alerts test"})
+    cfg.notify.give_up_after_seconds = timeout
+    cfg.notify.backoff_seconds = min(cfg.notify.backoff_seconds, timeout / 4)
+    return ChatNotifier(urls, cfg.notify, run)
+
+
+def cmd_alerts_resend(args: argparse.Namespace) -> int:
+    """Deliver what a run's outbox kept; the outcomes go to the same outbox."""
+    from yoto.alerts import outbox
+
+    run_dir = runstore.require_run_dir(args.run_dir)
+    waiting = outbox.kept(run_dir)
+    if not waiting:
+        print(f"{run_dir}: no chat message kept; nothing to resend")
+        return 0
+    manifest = runstore.read_manifest_or_damage(run_dir)[0] or {}  # the id and name, if known
+    run = {"run": manifest.get("id", run_dir.name), "name": manifest.get("name", "")}
+    notifier = _one_off_notifier(args.url or [], args.timeout, run, "--url")
+    notifier.bind_run({**run, "dir": str(run_dir)})  # queues the kept messages
+    notifier.close(timeout=args.timeout)
+    left = outbox.kept(run_dir)
+    print(
+        f"{len(waiting)} kept message(s): {len(waiting) - len(left)} delivered, "
+        f"{len(left)} still kept" + (f" (see {run_dir / runstore.CHAT})" if left else "")
+    )
+    return 0 if not left else 1
+
+
+def cmd_alerts_test(args: argparse.Namespace) -> int:
+    """One message through the same notifier a run uses; exit 1 when it was not delivered."""
+    from yoto.events import Event, EventKind, Severity
+
+    run = {"run": "test", "name": "yoto alerts test"}
+    urls = [args.url] if args.url else []
+    notifier = _one_off_notifier(urls, args.timeout, run, "yoto alerts test")
     notifier.notify(Event(0, 0, EventKind.ALERT, Severity.WARNING, "a test message from yoto", {}))
     notifier.close(timeout=args.timeout)
     ok = True
@@ -340,7 +386,7 @@ def cmd_alerts_test(args: argparse.Namespace) -> int:
         ok &= sent
         print(f"{channel.name}: {'delivered' if sent else 'NOT delivered'}")
     if not ok:
-        print(f"see the log above; URLs tried: {', '.join(channel_of(u) for u in urls)}")
+        print(f"see the log above; channels tried: {', '.join(c.name for c in notifier.channels)}")
     return 0 if ok else 1
 
 
@@ -398,14 +444,20 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             f"{_fmt_tokens(r.tokens):>8s} {_fmt_num(r.train_loss):>8s} {_fmt_num(best):>9s} "
             f"{r.events.get('rollback', 0):>6d} {_fmt_time(r.start):16s}"
         )
+        for problem in r.problems:  # under its run: what was skipped to make the row
+            print(f"  ! {problem}")
     return 0
 
 
 def show_run(run_dir: str | Path) -> dict[str, Any]:
+    """Everything ``yoto runs show`` prints. ``manifest`` is None when it is deleted or
+    damaged; the summary then comes from the run's other parts and its ``problems`` say
+    what could not be read (the manifest, event lines, config.yaml)."""
+    from yoto.alerts import outbox
     from yoto.runstore import list_checkpoints
 
     path = runstore.require_run_dir(run_dir)
-    manifest = runstore.read_manifest(path)
+    manifest, _ = runstore.read_manifest_or_damage(path)
     summary = runstore.summarize(path)
     events = runstore.read_events(path)
     ckpts = [
@@ -418,6 +470,7 @@ def show_run(run_dir: str | Path) -> dict[str, Any]:
         "checkpoints": ckpts,
         "events": events,
         "gaps": [str(g) for g in runstore.find_gaps(path)],
+        "chat": dataclasses.asdict(chat) if (chat := outbox.summarize(path)) else None,
     }
 
 
@@ -444,23 +497,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     m, s = info["manifest"], info["summary"]
-    duration = (m.get("end") or m.get("updated") or 0) - (m.get("start") or 0)
-    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
-    git = m.get("git") or {}
     lines = [
-        f"run      {m.get('id')}  ({m.get('name')})",
+        f"run      {s['id']}" + (f"  ({s['name']})" if s["name"] else ""),
         f"path     {s['path']}",
-        f"status   {_status_line(m)}  started {_fmt_time(m.get('start'))}, "
-        f"{duration / 60:.1f} min, {m.get('world_size', '?')} rank(s) on {m.get('device', '?')}"
-        f" at {m.get('host')}",
-        f"code     {versions}"
-        + (
-            f"; git {git.get('sha', '')[:10]}{' (dirty)' if git.get('dirty') else ''}"
-            if git
-            else ""
-        ),
-        f"model    {m.get('parameters', 0):,} parameters "
-        f"({m.get('non_embedding_parameters', 0):,} non-embedding)",
+        *(f"problem  {problem}" for problem in s["problems"]),
+        *(_manifest_lines(m) if m is not None else _lost_manifest_lines(s)),
         f"progress step {_fmt_num(s['last_step'], 'd')}, {_fmt_tokens(s['tokens'])} tokens, "
         f"attempt {s['attempt']}, train loss {_fmt_num(s['train_loss'])}",
     ]
@@ -479,11 +520,18 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s["events"].items())) or "none"
     lines.append(f"events   {counts}")
-    notable = [e for e in info["events"] if e.get("severity") != "info"][-10:]
-    for e in notable:
+    if info["chat"]:
+        chat = info["chat"]
         lines.append(
-            f"  step {e.get('step'):>6} [{e.get('severity')}] {e.get('kind')}: {e.get('message')}"
+            f"chat     {chat['delivered']} delivered ({chat['attempts']} attempts)"
+            + (
+                f"; {chat['kept']} kept undelivered: yoto alerts resend {s['path']}"
+                if chat["kept"]
+                else ""
+            )
         )
+    notable = [e for e in info["events"] if e.get("severity") != "info"][-10:]
+    lines.extend(map(_event_line, notable))
     ckpts = info["checkpoints"]
     lines.append(
         "checkpoints "
@@ -494,6 +542,37 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     )
     print("\n".join(lines))
     return 0
+
+
+def _manifest_lines(m: dict[str, Any]) -> list[str]:
+    """Status, code and model: what only the manifest knows."""
+    duration = (m.get("end") or m.get("updated") or 0) - (m.get("start") or 0)
+    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
+    git = m.get("git") or {}
+    return [
+        f"status   {_status_line(m)}  started {_fmt_time(m.get('start'))}, "
+        f"{duration / 60:.1f} min, {m.get('world_size', '?')} rank(s) on {m.get('device', '?')}"
+        f" at {m.get('host')}",
+        f"code     {versions}"
+        + (
+            f"; git {git.get('sha', '')[:10]}{' (dirty)' if git.get('dirty') else ''}"
+            if git
+            else ""
+        ),
+        f"model    {m.get('parameters', 0):,} parameters "
+        f"({m.get('non_embedding_parameters', 0):,} non-embedding)",
+    ]
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    return f"  step {e.get('step')!s:>6} [{e.get('severity')}] {e.get('kind')}: {e.get('message')}"
+
+
+def _lost_manifest_lines(s: dict[str, Any]) -> list[str]:
+    return [
+        f"status   {s['state']} (no readable manifest: how the run ended, its code and model "
+        f"are unknown)  started {_fmt_time(s['start'])} (its earliest event or metric row)"
+    ]
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -681,12 +760,34 @@ EXIT_STOPPED_AT_ONCE = 130  # 128 + SIGINT, as a shell reports it
 EXIT_CODES = {"finished": 0, "halted": 3, "interrupted": 75}  # "crashed" raises: exit 1
 
 
+# How long an OpenMP thread that finished its share spins before it sleeps: libgomp's
+# default (300,000 spins) is free on an idle machine and ruinous beside another job; 10,000
+# kept the step time alone (x1.03) and made it 2.3x faster beside a second job
+# (benchmarks/cpu_sharing.py; OMP_WAIT_POLICY=PASSIVE: 3.2x faster shared, 1.4x slower alone).
+CPU_SHARING_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
+_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def share_cpus_gracefully(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set yoto's OpenMP wait default unless the user chose a wait policy or spin count.
+    Must run before torch is imported (libgomp reads it once, when torch loads it); the
+    launchers' rank processes inherit it."""
+    if not any(key in environ for key in _WAIT_SETTINGS):
+        environ.update(CPU_SHARING_DEFAULTS)
+
+
 def main(argv: list[str] | None = None) -> int:
+    share_cpus_gracefully()  # first: nothing has loaded torch yet
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
         if args.command == "alerts":
-            return {"build": cmd_alerts_build, "test": cmd_alerts_test}[args.alerts_command](args)
+            commands = {
+                "build": cmd_alerts_build,
+                "test": cmd_alerts_test,
+                "resend": cmd_alerts_resend,
+            }
+            return commands[args.alerts_command](args)
         if args.command == "runs":
             return (cmd_runs_list if args.runs_command == "list" else cmd_runs_show)(args)
         return COMMANDS[args.command](args)

@@ -42,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 
 from yoto import __version__, catalog
 from yoto.errors import RunDirError
@@ -57,6 +59,7 @@ METRICS = "metrics"
 LAYERS = "layers"  # long: attempt, step, layer, metric, value
 SPECTRA = "spectra"  # long: attempt, step, layer, alpha, ... (yoto.probes.spectra)
 CHECKPOINTS = "checkpoints"
+CHAT = "chat.jsonl"  # the chat notifier's outbox: each message, where it went, how it ended
 COMPLETE = "COMPLETE"  # written last into a checkpoint folder (yoto.trainer.checkpoint)
 _TAG = re.compile(r"^step-(\d+)$")
 
@@ -165,7 +168,8 @@ class RunStore:
         self._manifest_lock = threading.RLock()  # the manifest dict and its file
         (self.path / METRICS).mkdir(parents=True, exist_ok=True)
         (self.path / CHECKPOINTS).mkdir(exist_ok=True)
-        self._events = open(self.path / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
+        self._events = open(self.path / EVENTS, "a+", encoding="utf-8")  # noqa: SIM115
+        _end_cut_line(self._events.fileno())
         self._closed = threading.Event()
         self._heartbeat = threading.Thread(
             target=self._beat, args=(heartbeat_seconds,), name="yoto-heartbeat", daemon=True
@@ -395,6 +399,29 @@ def append_records(
     return write_parquet(Path(run_dir) / table, f"part-a{attempt:04d}-s{step:010d}", data)
 
 
+def append_line(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line to a file of a run directory, durably, in one ``write`` (a
+    writer appending to the same file from another handle never splits the line); for
+    records written beside the run store, also after it closed (chat outcomes)."""
+    line = json.dumps(record, default=_json_default, allow_nan=True) + "\n"
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        _end_cut_line(fd)
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _end_cut_line(fd: int) -> None:
+    """Before appending to a file of lines (opened for appending) that a crash left with a
+    last line cut mid-write: end that line, so the next one is not glued to it (readers
+    then skip the fragment alone and name it)."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
+
+
 def _segment_stem(attempt: int, first: int, last: int) -> str:
     return f"part-a{attempt:04d}-s{first:010d}-{last:010d}"
 
@@ -476,9 +503,18 @@ def list_checkpoints(root: Path) -> list[CheckpointDir]:
 # --- readers ------------------------------------------------------------------------------
 
 
+RUN_PARTS = (CONFIG, EVENTS, METRICS, CHECKPOINTS)  # what a run writes beside its manifest
+DAMAGED = "damaged"  # the state of a run without a readable manifest
+
+
 def is_run_dir(path: str | Path) -> bool:
-    """What makes a folder a run directory: its manifest."""
-    return (Path(path) / MANIFEST).is_file()
+    """What makes a folder a run directory: its manifest, or, when that is deleted, at least
+    two of the other parts every run writes (``RUN_PARTS``): one alone (a config.yaml)
+    could be anyone's. The single definition: readers of roots and of runs both ask here."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return True
+    return path.is_dir() and sum((path / part).exists() for part in RUN_PARTS) >= 2
 
 
 def require_run_dir(path: str | Path) -> Path:
@@ -500,11 +536,71 @@ def _not_a_folder(path: Path) -> RunDirError:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = require_run_dir(path)
+    """The manifest; raises RunDirError naming the damage when it is missing or unreadable
+    (:func:`manifest_damage` says the same without raising)."""
+    manifest, damage = read_manifest_or_damage(path)
+    if manifest is None:
+        raise RunDirError(f"run directory {str(path)!r} is damaged: {damage}")
+    return manifest
+
+
+def read_manifest_or_damage(path: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") or (None, what is wrong with it): for readers that show the rest of a
+    run whose manifest is deleted or damaged."""
+    file = require_run_dir(path) / MANIFEST
+    if not file.is_file():
+        return None, f"no {MANIFEST} (deleted, or never written)"
     try:
-        return json.loads((path / MANIFEST).read_text())
+        manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunDirError(f"{str(path / MANIFEST)!r} is damaged: {exc}") from None
+        return None, f"{MANIFEST} is not valid JSON: {exc}"
+    except OSError as exc:
+        return None, f"{MANIFEST} cannot be read: {exc.strerror or exc}"
+    if not isinstance(manifest, dict):
+        return None, f"{MANIFEST} holds a JSON {type(manifest).__name__}, not an object"
+    return manifest, ""
+
+
+def manifest_damage(path: str | Path) -> str:
+    """What is wrong with the run's manifest; "" when it reads."""
+    return read_manifest_or_damage(path)[1]
+
+
+@dataclass(frozen=True)
+class ConfigRead:
+    """config.yaml as a mapping; empty, with ``problem`` naming why, when it cannot be."""
+
+    data: dict[str, Any]
+    problem: str = ""
+
+
+def read_config(path: str | Path) -> ConfigRead:
+    """The run's saved config.yaml (as written: not validated against today's Config)."""
+    file = require_run_dir(path) / CONFIG
+    if not file.is_file():
+        return ConfigRead({}, f"no {CONFIG} (deleted, or never written)")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        return ConfigRead({}, f"{CONFIG} is not valid YAML: {_yaml_error(exc)}")
+    except (OSError, UnicodeDecodeError) as exc:
+        return ConfigRead({}, f"{CONFIG} cannot be read: {exc}")
+    if data is None:  # empty: every setting at its default
+        return ConfigRead({})
+    if not isinstance(data, dict):
+        return ConfigRead(
+            {}, f"{CONFIG} is not a mapping of sections (it holds a {type(data).__name__})"
+        )
+    return ConfigRead(data)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """The parser's complaint in one line: 'line L, column C: problem'."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def segment_files(path: str | Path, folder: str = METRICS) -> list[Path]:
@@ -560,22 +656,78 @@ def read_layers(path: str | Path) -> pa.Table:
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """Events in order. A last line cut by a crash mid-write is ignored."""
-    path = require_run_dir(path)
-    file = path / EVENTS
+    """Events in order, skipping what is not one (:func:`read_events_report` says which)."""
+    return read_events_report(path).events
+
+
+_LINES_NAMED = 5  # line numbers a message lists before it says "and N more"
+
+
+@dataclass(frozen=True)
+class EventsRead:
+    """The events of a run's events.jsonl and what was skipped on the way.
+
+    ``skipped``: numbers (from 1) of lines that are not an event: not JSON, or JSON but not
+    an object. ``cut``: the number of the last line when a crash cut it mid-write (the file
+    does not end in a newline and that line does not parse); that is what a kill during a
+    write leaves, so it is named apart from the damage in the middle of the file."""
+
+    events: list[dict[str, Any]]
+    skipped: tuple[int, ...] = ()
+    cut: int | None = None
+
+    @property
+    def problem(self) -> str:
+        """One sentence for each kind of skip, e.g. '1 unreadable event line skipped (line
+        7 of events.jsonl)'; "" when every line was an event."""
+        parts = []
+        if self.skipped:
+            n = len(self.skipped)
+            parts.append(
+                f"{n} unreadable event line{'s' if n > 1 else ''} skipped "
+                f"({_line_list(self.skipped)} of {EVENTS})"
+            )
+        if self.cut is not None:
+            parts.append(f"a last line cut mid-write ignored (line {self.cut} of {EVENTS})")
+        return "; ".join(parts)
+
+
+def _line_list(lines: tuple[int, ...]) -> str:
+    named = ", ".join(map(str, lines[:_LINES_NAMED]))
+    more = len(lines) - _LINES_NAMED
+    word = "line" if len(lines) == 1 else "lines"
+    return f"{word} {named}" + (f" and {more} more" if more > 0 else "")
+
+
+def read_events_report(path: str | Path) -> EventsRead:
+    """Events in order, with the numbers of the lines that are not events (blank lines are
+    not counted: they hold nothing)."""
+    file = require_run_dir(path) / EVENTS
     if not file.exists():
-        return []
-    events = []
-    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        return EventsRead([])
+    text = file.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    events, skipped = [], []
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict):  # a stray non-object line is not an event
+        event = _event_or_none(line)
+        if event is not None:
             events.append(event)
-    return events
+        else:
+            skipped.append(number)
+    cut = None
+    if skipped and skipped[-1] == len(lines) and not text.endswith("\n"):
+        cut = skipped.pop()
+    return EventsRead(events, tuple(skipped), cut)
+
+
+def _event_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None  # a stray list or number is no event
 
 
 CRASHED_MAYBE = "crashed?"  # 'running', but its process on this host is gone
@@ -629,6 +781,7 @@ class RunSummary:
     events: dict[str, int] = field(default_factory=dict)
     non_embedding_parameters: int | None = None  # N of scaling laws (Kaplan's count)
     sweep: dict[str, Any] | None = None  # {id, index, point, ...} for a run of 'yoto sweep'
+    problems: list[str] = field(default_factory=list)  # what could not be read, one each
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -637,19 +790,23 @@ class RunSummary:
 
 
 def summarize(path: str | Path) -> RunSummary:
+    """One run in a line, from its manifest; a run whose manifest is deleted or damaged is
+    described from its other parts (:func:`manifest_from_disk`) with state ``damaged``.
+    ``problems`` names what could not be read: the manifest, event lines, config.yaml."""
     path = require_run_dir(path)
-    manifest = read_manifest(path)
-    summary = manifest.get("summary", {})
-    counts: dict[str, int] = {}
-    for event in read_events(path):
-        counts[event.get("kind", "?")] = counts.get(event.get("kind", "?"), 0) + 1
+    manifest, damage = read_manifest_or_damage(path)
+    events = read_events_report(path)
+    problems = [p for p in (damage, events.problem, read_config(path).problem) if p]
+    if manifest is None:
+        manifest = manifest_from_disk(path, events.events)
+    summary = manifest.get("summary") or {}
     last_step = summary.get("last_step")
     return RunSummary(
         path=path,
         id=manifest.get("id", path.name),
         name=manifest.get("name", ""),
         status=manifest.get("status", "unknown"),
-        state=liveness(manifest),
+        state=DAMAGED if damage else liveness(manifest),
         start=manifest.get("start"),
         end=manifest.get("end"),
         last_step=int(last_step) if last_step is not None else None,
@@ -658,15 +815,72 @@ def summarize(path: str | Path) -> RunSummary:
         val_loss=dict(summary.get("val_loss", {})),
         best_val_loss=dict(summary.get("best_val_loss", {})),
         attempt=int(summary.get("attempt", 0)),
-        events=counts,
+        events=_kind_counts(events.events),
         non_embedding_parameters=manifest.get("non_embedding_parameters"),
         sweep=manifest.get("sweep"),
+        problems=problems,
     )
 
 
+def _kind_counts(events: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for event in events:
+        kind = str(event.get("kind", "?"))
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def manifest_from_disk(path: Path, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a lost manifest said that the rest of the run still tells: id = the folder's
+    name, start = the earliest time of its events and metric rows, summary = its metric
+    rows summarised as the writer does; status ``unknown`` (only the manifest keeps it)."""
+    metrics = read_metrics(path)
+    times = [t for e in events if isinstance(t := e.get("time"), int | float)]
+    if metrics.num_rows:
+        times.append(pc.min(metrics["time"]).as_py())
+    return {
+        "id": path.name,
+        "name": "",
+        "status": "unknown",
+        "start": min(times, default=None),
+        "end": None,
+        "summary": summary_of_rows(metrics),
+    }
+
+
+def summary_of_rows(metrics: pa.Table) -> dict[str, Any]:
+    """The manifest's ``summary`` (``RunStore._summarise``) from the metric rows, sorted by
+    (attempt, step): the newest row's attempt and step, the last train loss, tokens and
+    steps recorded, and each source's last and best finite validation loss."""
+    if not metrics.num_rows:
+        return {}
+    out: dict[str, Any] = {
+        "attempt": metrics["attempt"][-1].as_py(),
+        "last_step": metrics["step"][-1].as_py(),
+    }
+    for metric in (catalog.TRAIN_LOSS, catalog.TOKENS, catalog.STEPS):
+        if metric.name in metrics.column_names:
+            values = metrics[metric.name].drop_null()
+            if len(values):
+                out[metric.name] = values[-1].as_py()
+    out["val_loss"], out["best_val_loss"] = {}, {}
+    for key in metrics.column_names:
+        name, labels = _split_key(key)
+        values = metrics[key]
+        if name != catalog.VAL_LOSS.name or not pa.types.is_floating(values.type):
+            continue
+        finite = values.filter(pc.is_finite(values))
+        if len(finite):
+            source = labels.get("source", "")
+            out["val_loss"][source] = finite[-1].as_py()
+            out["best_val_loss"][source] = pc.min(finite).as_py()
+    return out
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """The run directories the given paths name. A run directory is itself; any other folder
-    is a root of runs, standing for its children that are run directories, sorted by name.
+    """The run directories the given paths name. A run directory (:func:`is_run_dir`, a
+    damaged one too) is itself; any other folder is a root of runs, standing for its
+    children that are run directories, sorted by name.
     The same run reached twice (named and under a root, or through a link) counts once, at
     its first place. A path that is no folder raises require_run_dir's error."""
     found: dict[Path, Path] = {}  # resolved -> as reached
@@ -684,7 +898,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def list_runs(root: str | Path) -> list[RunSummary]:
-    """Runs directly under ``root`` (or ``root`` itself if it is a run), newest first."""
+    """Runs directly under ``root`` (or ``root`` itself if it is a run), newest first. A run
+    without a readable manifest is listed too, state ``damaged``, its problems named."""
     root = Path(root)
     if not root.is_dir():
         raise RunDirError(f"runs root {str(root)!r} does not exist or is not a folder")

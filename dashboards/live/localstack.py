@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -151,11 +151,15 @@ def alertmanager(tmp: Path, config_yaml: str) -> Iterator[str]:
 
 class Receiver:
     """A webhook endpoint that records every JSON body it accepts. ``down()`` closes the
-    port (connection refused, as a dead chat relay); ``up()`` opens it again."""
+    port (connection refused, as a dead chat relay); ``up()`` opens it again. ``reply``
+    queues answers other than 200 (status, headers); ``arrivals`` has the time of every
+    request on ``clock`` (a test may give its own)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, clock: Callable[[], float] = time.time) -> None:
         self.port = port or free_port()
+        self.clock = clock
         self.received: list[tuple[float, Any]] = []
+        self.arrivals: list[float] = []
         self.requests = 0
         self.reply: list[tuple[int, dict[str, str]]] = []  # queued non-200 answers
         self._server: ThreadingHTTPServer | None = None
@@ -174,6 +178,7 @@ class Receiver:
                 body = self.rfile.read(length)
                 with receiver._lock:
                     receiver.requests += 1
+                    receiver.arrivals.append(receiver.clock())
                     status, headers = receiver.reply.pop(0) if receiver.reply else (200, {})
                     if status == 200:
                         receiver.received.append((time.time(), json.loads(body or b"null")))

@@ -20,7 +20,6 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-import yaml
 
 from yoto import catalog, runstore
 from yoto.config import SpectraConfig
@@ -83,7 +82,9 @@ def _check(run: str | Path) -> Path:
 
 
 def runs_frame(paths: Sequence[Path]) -> pd.DataFrame:
-    """One line per run for the Runs page; a damaged run is listed with its error."""
+    """One line per run for the Runs page; a run with parts that could not be read says
+    which in ``problem`` (a run without a readable manifest is summarised from the rest,
+    status ``damaged``); one that cannot be summarised at all is listed with its error."""
     rows = []
     for path in paths:
         try:
@@ -110,7 +111,7 @@ def runs_frame(paths: Sequence[Path]) -> pd.DataFrame:
                 "halts": s.events.get(EventKind.HALT, 0),
                 "spikes": s.events.get(EventKind.SPIKE, 0),
                 "started": pd.to_datetime(s.start, unit="s", utc=True) if s.start else None,
-                "problem": "",
+                "problem": "; ".join(s.problems),
                 "path": str(s.path),
             }
         )
@@ -130,7 +131,8 @@ def _mean(values: Any) -> float | None:
 
 
 def events_frame(run: Path) -> pd.DataFrame:
-    """Every event, one row each (a line cut by a crash is skipped by the reader)."""
+    """Every event, one row each; lines that are not events are skipped (``problems``
+    names them)."""
     records = [e for e in runstore.read_events(_check(run)) if isinstance(e, dict)]
     cols = ["step", "attempt", "kind", "severity", "message", "time", "data"]
     if not records:
@@ -149,12 +151,21 @@ def events_frame(run: Path) -> pd.DataFrame:
     return frame
 
 
-def config(run: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load((_check(run) / runstore.CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def config(run: Path) -> runstore.ConfigRead:
+    """config.yaml as a mapping, and why it is empty when it cannot be read."""
+    return runstore.read_config(_check(run))
+
+
+def problems(run: Path) -> list[str]:
+    """What of the run could not be read, one sentence each: its manifest, event lines,
+    config.yaml. The pages show the rest and these as warnings."""
+    path = _check(run)
+    found = (
+        runstore.manifest_damage(path),
+        runstore.read_events_report(path).problem,
+        runstore.read_config(path).problem,
+    )
+    return [p for p in found if p]
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,5 +347,10 @@ def cached_step_times(run: str, fp: tuple):
 
 
 @st.cache_data(**_CACHE)
-def cached_config(run: str, fp: tuple) -> dict[str, Any]:
+def cached_config(run: str, fp: tuple) -> runstore.ConfigRead:
     return config(Path(run))
+
+
+@st.cache_data(**_CACHE)
+def cached_problems(run: str, fp: tuple) -> list[str]:
+    return problems(Path(run))

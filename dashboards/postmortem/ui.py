@@ -68,8 +68,9 @@ def no_runs_message() -> bool:
         st.info(
             "No run directories found under "
             + ", ".join(f"`{p}`" for p in data.roots())
-            + ". A run directory holds a `manifest.json`; `yoto train` creates one under "
-            "`--run-root`."
+            + ". A run directory holds a `manifest.json` (or, if that is lost, two of "
+            "`config.yaml`, `events.jsonl`, `metrics/`, `checkpoints/`); `yoto train` "
+            "creates one under `--run-root`."
         )
         return True
     return False
@@ -95,7 +96,14 @@ def page(title: str, render: Callable[[Path], None], caption: str = "") -> None:
     run = current_run()
     if run is None:
         return
+    guarded(lambda: damage_notes(run), run)
     guarded(lambda: render(run), run)
+
+
+def damage_notes(run: Path) -> None:
+    """What of the run could not be read, above the page that shows the rest."""
+    for problem in data.cached_problems(str(run), fp(run)):
+        st.warning(f"Not all of this run could be read: {problem}. The rest is shown.")
 
 
 def guarded(fn: Callable[[], None], run: Path | None = None) -> None:

@@ -6,20 +6,31 @@ backoff, give-up and the rate limit are asserted on the clock, never on the wall
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import requests
 
 from tests.integration.servers import Receiver
-from yoto import catalog
-from yoto.alerts.notifier import ChatNotifier, channel_of, resolve_urls, with_timeouts
+from yoto import catalog, runstore
+from yoto.alerts import outbox
+from yoto.alerts.notifier import (
+    ChatNotifier,
+    channel_of,
+    format_message,
+    resolve_urls,
+    retry_after_seconds,
+    with_timeouts,
+)
 from yoto.config import REDACTED, NotifyConfig
 from yoto.errors import ConfigError
 from yoto.events import Event, EventKind, Reason, Rollback, Severity
+from yoto.runstore import RunStore
 
 RUN = {"run": "20261128-demo-ab12", "name": "demo"}
 HANG = 20.0  # real seconds that only bound a hang: a passing test never waits this long
@@ -179,24 +190,179 @@ def test_receiver_down_then_back_loses_nothing_and_notify_never_blocks(caplog) -
         receiver.down()
 
 
-def test_refused_delivery_is_retried_after_the_backoff() -> None:
-    """A 429 is a refusal like any other: Apprise reports it as a failed notify and keeps
-    the response (its Retry-After included) to itself, so the backoff decides the retry."""
-    receiver = Receiver().up()
-    receiver.reply.append((429, {"Retry-After": "1"}))
-    conf, clock = cfg(), ManualClock()
+def spacing(times: list[float]) -> list[float]:
+    return [round(b - a, 9) for a, b in itertools.pairwise(times)]
+
+
+def test_retry_after_is_honoured_and_a_new_message_does_not_cut_the_wait() -> None:
+    """429 Retry-After: 2, three times: the retries come 2, 2 and 2 s apart on the clock,
+    although a new message is queued during each wait (it used to wake the retry)."""
+    clock = ManualClock()
+    receiver = Receiver(clock=clock.now).up()
+    receiver.reply.extend([(429, {"Retry-After": "2"})] * 3)
+    conf = cfg()
     try:
         notifier = notifier_for([json_url(receiver)], conf, clock)
         notifier.notify(rollback(1))
-        (wait,) = clock.wait_until_waiting(1)
-        assert wait == pytest.approx(backoff_waits(conf, 1)[0])
-        assert receiver.requests == 1 and not receiver.received
-        assert notifier.failed["json"] == 1 and notifier.sent["json"] == 0
-        clock.advance(wait)
-        got = receiver.wait_for(1, timeout=HANG)
+        for refused in (1, 2, 3):
+            waits = clock.wait_until_waiting(2 * refused - 1)
+            assert waits[-1] == 2.0  # what the endpoint asked, not the 0.2 s backoff
+            notifier.notify(rollback(100 + refused))  # wakes the condition...
+            clock.wait_until_waiting(2 * refused)  # ...and the notifier waits on
+            assert receiver.requests == refused  # no retry before the clock moved
+            clock.advance(2.0)
+        receiver.wait_for(4, timeout=HANG)
         notifier.close()
-        assert got and receiver.requests == 2 and clock.waits == [wait]
-        assert notifier.sent["json"] == 1 and notifier.failed["json"] == 1
+        assert spacing(receiver.arrivals[:4]) == [2.0, 2.0, 2.0]
+        # counted exactly: attempts are the requests the receiver saw
+        assert receiver.requests == 7 == notifier.sent["json"] + notifier.failed["json"]
+        assert (notifier.sent["json"], notifier.failed["json"]) == (4, 3)
+        assert [b["title"].split(" at step ")[1] for _, b in receiver.received] == [
+            "1",
+            "101",
+            "102",
+            "103",
+        ]
+    finally:
+        receiver.down()
+
+
+def test_a_server_error_gets_the_backoff_whatever_is_queued_meanwhile() -> None:
+    clock = ManualClock()
+    receiver = Receiver(clock=clock.now).up()
+    receiver.reply.extend([(500, {}), (503, {})])
+    conf = cfg()
+    planned = backoff_waits(conf, 2)
+    try:
+        notifier = notifier_for([json_url(receiver)], conf, clock)
+        notifier.notify(rollback(1))
+        for n, wait in enumerate(planned, start=1):
+            assert clock.wait_until_waiting(2 * n - 1)[-1] == pytest.approx(wait)
+            notifier.notify(rollback(100 + n))
+            clock.wait_until_waiting(2 * n)
+            assert receiver.requests == n
+            clock.advance(wait)
+        receiver.wait_for(3, timeout=HANG)
+        notifier.close()
+        assert spacing(receiver.arrivals[:3]) == pytest.approx(planned)
+        assert receiver.requests == 5 == notifier.sent["json"] + notifier.failed["json"]
+    finally:
+        receiver.down()
+
+
+def test_retry_after_as_seconds_or_an_http_date() -> None:
+    assert retry_after_seconds("2") == 2.0 and retry_after_seconds("-3") == 0.0
+    assert retry_after_seconds("Wed, 21 Oct 2026 07:28:00 GMT", wall_now=1792567670.0) == 10.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+
+
+def test_the_webhook_posts_what_apprise_posts() -> None:
+    """json:// is posted by the notifier itself (to see Retry-After): the body is the one
+    Apprise's JSON plugin posts for the same URL, its payload mapping included."""
+    import apprise
+
+    receiver = Receiver().up()
+    try:
+        for query in ("", "?:type=kind&:attachments=&-x=1&+X-Team=ml"):
+            url = json_url(receiver) + query
+            message = format_message(rollback(305), RUN, None)
+            notifier = notifier_for([url], cfg(), ManualClock())
+            notifier.enqueue(message)
+            notifier.close()
+            theirs = apprise.Apprise()
+            theirs.add(url)
+            assert theirs.notify(
+                title=message.title, body=message.body, notify_type=apprise.NotifyType.WARNING
+            )
+            (_, ours), (_, apprises) = receiver.wait_for(2, timeout=HANG)[-2:]
+            assert ours == apprises and ours["message"] == message.body
+            receiver.received.clear()
+    finally:
+        receiver.down()
+
+
+def a_run_dir(tmp_path) -> Path:
+    store = RunStore.create(tmp_path, "chat", "{}\n")
+    store.close("finished")
+    return store.path
+
+
+def test_counts_match_the_receiver_and_what_is_left_is_kept_and_resent(tmp_path, capsys) -> None:
+    """A receiver that answers 500: every attempt is counted as the receiver saw it; what
+    is still queued at the end is counted undelivered, told as a chat event, kept in the
+    outbox, and 'yoto alerts resend' delivers it once the receiver is well."""
+    from yoto.cli import main
+
+    run_dir = a_run_dir(tmp_path)
+    clock = ManualClock()
+    receiver = Receiver(clock=clock.now).up()
+    receiver.reply.extend([(500, {})] * 100)
+    conf = cfg(drain_seconds=1.0)
+    try:
+        notifier = notifier_for([json_url(receiver)], conf, clock)
+        notifier.bind_run({**RUN, "dir": str(run_dir)})
+        for step in range(4):
+            notifier.notify(rollback(10 + step))
+        clock.wait_until_waiting(1)
+        clock.run_free()
+        notifier.close()
+        stats = notifier.stats()
+        attempts = receiver.requests
+        assert attempts >= 2 and not receiver.received
+        assert stats[catalog.ALERTS_FAILED.key(channel="json")] == attempts
+        assert stats[catalog.ALERTS_SENT.key(channel="json")] == 0
+        assert stats[catalog.ALERTS_DROPPED.key(reason="undelivered")] == 4
+        assert stats[catalog.ALERTS_DROPPED.key(reason="gave_up")] == 0
+
+        lines = outbox.read_lines(run_dir)
+        assert [x["outcome"] for x in lines if "id" in x] == ["undelivered"] * 4
+        assert sum(len(x["attempts"]) for x in lines if "id" in x) == attempts
+        assert lines[-1]["counts"] == stats  # the counters, in the run directory
+        (event,) = [e for e in runstore.read_events(run_dir) if e["kind"] == EventKind.CHAT]
+        assert "4 chat message(s) undelivered" in event["message"]
+        assert "yoto alerts resend" in event["message"]
+        assert [k.step for k in outbox.kept(run_dir)] == [10, 11, 12, 13]
+        assert outbox.summarize(run_dir) == outbox.ChatSummary(0, attempts, 4)
+        capsys.readouterr()
+        assert main(["runs", "show", str(run_dir)]) == 0
+        shown = capsys.readouterr().out
+        assert f"chat     0 delivered ({attempts} attempts); 4 kept undelivered" in shown
+        assert "[warning] chat: 4 chat message(s) undelivered" in shown
+
+        receiver.reply.clear()  # the endpoint is well again
+        assert main(["alerts", "resend", str(run_dir), "--url", json_url(receiver)]) == 0
+        assert "4 kept message(s): 4 delivered, 0 still kept" in capsys.readouterr().out
+        steps = [b["title"].split(" at step ")[1] for _, b in receiver.received]
+        assert steps == ["10", "11", "12", "13"]  # each once, in order
+        assert outbox.kept(run_dir) == []
+        assert [x["resent"] for x in outbox.read_lines(run_dir) if "id" in x][-4:] == [True] * 4
+        assert main(["alerts", "resend", str(run_dir), "--url", json_url(receiver)]) == 0
+        assert "nothing to resend" in capsys.readouterr().out
+        assert len(receiver.received) == 4
+    finally:
+        receiver.down()
+
+
+def test_a_refusal_no_retry_cures_is_kept_at_once_and_the_next_run_delivers_it(tmp_path) -> None:
+    run_dir = a_run_dir(tmp_path)
+    receiver = Receiver().up()
+    receiver.reply.append((404, {}))
+    clock = ManualClock()
+    try:
+        notifier = notifier_for([json_url(receiver)], cfg(), clock)
+        notifier.bind_run({**RUN, "dir": str(run_dir)})
+        notifier.notify(rollback(7))
+        notifier.close()
+        assert clock.waits == [] and receiver.requests == 1  # not retried
+        assert notifier.dropped["refused"] == 1
+        (event,) = [e for e in runstore.read_events(run_dir) if e["kind"] == EventKind.CHAT]
+        assert "refused by json (HTTP 404)" in event["message"]
+        # a resume binds a new notifier to the run: it delivers what was kept, first
+        again = notifier_for([json_url(receiver)], cfg(), ManualClock())
+        again.bind_run({**RUN, "dir": str(run_dir)})
+        again.close()
+        ((_, body),) = receiver.received
+        assert "at step 7" in body["title"] and outbox.kept(run_dir) == []
     finally:
         receiver.down()
 
@@ -244,7 +410,7 @@ def test_a_hung_endpoint_times_out_through_apprise_and_is_retried() -> None:
         assert notifier.failed["json"] == 1 and notifier.sent["json"] == 0
         clock.run_free()
         notifier.close(timeout=0.0)
-    assert notifier.dropped["gave_up"] == 1  # undelivered at the end, and counted
+    assert notifier.dropped["undelivered"] == 1  # undelivered at the end, and counted
 
 
 def test_timeouts_travel_as_apprise_url_parameters() -> None:
@@ -288,7 +454,7 @@ def test_duplicates_rate_limit_and_bounded_queue() -> None:
     assert notifier.pending() == 4 and notifier.dropped["queue_full"] == 7
     critical = Event(50, 0, EventKind.HALT, Severity.CRITICAL, "halted", {"reason": "budget"})
     notifier.notify(critical)
-    assert any(m.severity == Severity.CRITICAL for m in notifier._queue)
+    assert any(p.message.severity == Severity.CRITICAL for p in notifier._queue)
     clock.run_free()
     notifier.close(timeout=0.5)
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.dashboards.helpers import PAGES, app, problems, texts, visit
 from yoto import runstore
+from yoto.dashboards.postmortem import data
 
 
 def exceptions(at) -> list[str]:
@@ -82,9 +83,35 @@ def test_damaged_manifest_is_an_error_message(run_dir_copy: Path, yoto_runs) -> 
     for page in PAGES:
         visit(at, page)
         assert exceptions(at) == [], page
-    # the record itself is intact: the timeline still tells the story
+    # the record itself is intact: the timeline still tells the story, and names the damage
     visit(at, "timeline")
     assert problems(at) == [] and at.get("vega_lite_chart")
+    assert any("manifest.json is not valid JSON" in w for w in texts(at, "warning"))
+
+
+def _warned(at, text: str) -> bool:
+    return any(text in w for w in texts(at, "warning"))
+
+
+def test_a_run_without_its_manifest_is_listed_and_drawn(run_dir_copy: Path, yoto_runs) -> None:
+    """It used to vanish ('No run directories found') although its record was intact."""
+    events = len(runstore.read_events(run_dir_copy))
+    (run_dir_copy / runstore.MANIFEST).unlink()
+    yoto_runs(run_dir_copy.parent)
+    at = app()
+    assert problems(at) == []
+    assert _warned(at, f"`{run_dir_copy.name}` (damaged): no manifest.json")
+    [table] = at.dataframe
+    [row] = table.value[table.value.run == run_dir_copy.name].itertuples()
+    assert (row.status, row.steps, row.rollbacks) == ("damaged", 90, 1)
+    visit(at, "timeline")
+    assert problems(at) == []
+    assert _warned(at, "Not all of this run could be read: no manifest.json")
+    assert len(at.get("vega_lite_chart")) == 2, "loss and grad norm are drawn"
+    assert len(data.events_frame(run_dir_copy)) == events
+    for page in PAGES:
+        visit(at, page)
+        assert exceptions(at) == [], page
 
 
 def test_events_file_with_garbage_lines(run_dir_copy: Path, yoto_runs) -> None:
@@ -95,6 +122,26 @@ def test_events_file_with_garbage_lines(run_dir_copy: Path, yoto_runs) -> None:
     (run_dir_copy / runstore.EVENTS).write_text("\n".join(lines) + "\n")
     yoto_runs(run_dir_copy)
     at = app()
+    message = "2 unreadable event lines skipped (lines 4, 6 of events.jsonl)"
+    assert _warned(at, message), "the Runs page names the skipped lines"
     for page in ("timeline", "layers"):
         visit(at, page)
         assert problems(at) == [], page
+        assert _warned(at, message), page
+    # every readable line is an event on the timeline, the odd fields' one too
+    assert len(data.events_frame(run_dir_copy)) == len(lines) - 2
+    assert at.get("vega_lite_chart")
+
+
+def test_an_invalid_config_yaml_is_named_and_the_rest_shown(run_dir_copy: Path, yoto_runs) -> None:
+    """It used to read as empty: 'config.yaml has no model.seq_len'."""
+    (run_dir_copy / runstore.CONFIG).write_text("model:\n  seq_len: 64\n bad: [\n")
+    yoto_runs(run_dir_copy)
+    at = app()
+    message = "config.yaml is not valid YAML: line 3, column 2: expected <block end>"
+    assert _warned(at, message), "the Runs page names it"
+    for page in ("noise", "spectra"):
+        visit(at, page)
+        assert problems(at) == [] and at.get("vega_lite_chart"), page
+        assert _warned(at, message), page
+    assert not _warned(visit(at, "noise"), "has no model.seq_len")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,10 +81,50 @@ def test_threads_follow_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None
     assert distributed.cpu_threads(world=1) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert distributed.cpu_threads(world=2) == max(1, (os.cpu_count() or 1) // 2)
+    assert distributed.cpu_threads(world=2) == max(1, distributed.usable_cpus() // 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")
     with pytest.raises(distributed.ConfigError, match="OMP_NUM_THREADS='lots'"):
         distributed.cpu_threads(world=1)
+
+
+def test_threads_fit_the_cpus_this_process_may_use(tmp_path, monkeypatch) -> None:
+    """A job pinned to some CPUs (taskset, a cpuset) or given a CPU quota (docker --cpus)
+    gets threads for those, not for every core of the host."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert distributed.usable_cpus(cpu_max) == 8  # no quota: the affinity
+    cpu_max.write_text("250000 100000\n")
+    assert distributed.usable_cpus(cpu_max) == 3  # 2.5 CPUs of quota, rounded up
+    assert distributed.usable_cpus(tmp_path / "absent") == 8
+    monkeypatch.setattr(distributed, "CGROUP_CPU_MAX", cpu_max)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert distributed.cpu_threads(world=1) == 2  # pinned to 2 of the host's cores
+
+
+def test_the_cli_sets_a_short_openmp_spin_before_torch_loads() -> None:
+    """yoto's wait default reaches libgomp only if set before torch is imported; the user's
+    own choice (a wait policy or a spin count) is left alone."""
+    from yoto.cli import CPU_SHARING_DEFAULTS, share_cpus_gracefully
+
+    probe = (
+        "import os, sys; from yoto.cli import main; main(['presets']); "
+        "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[-2:] == [CPU_SHARING_DEFAULTS["GOMP_SPINCOUNT"], "False"]
+    for theirs in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        environ = dict(theirs)
+        share_cpus_gracefully(environ)
+        assert environ == theirs
+    environ = {}
+    share_cpus_gracefully(environ)
+    assert environ == CPU_SHARING_DEFAULTS
 
 
 def test_a_child_does_not_inherit_the_loopback_choice(monkeypatch) -> None:

@@ -1,11 +1,16 @@
 """The yoto command: summaries of real runs, and the promised errors for bad input."""
 
 import json
+from itertools import takewhile
 from pathlib import Path
 
 import pytest
 
+from yoto import catalog, runstore
 from yoto.cli import main
+from yoto.events import Event, EventKind, Severity
+
+LOSS, TOKENS = catalog.TRAIN_LOSS.name, catalog.TOKENS.name
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -96,3 +101,68 @@ def test_resume_refuses_a_new_preset(trained_run: Path, capsys) -> None:
 def test_runs_show_on_a_non_run(tmp_path: Path, capsys) -> None:
     rc, _, err = run_cli(capsys, "runs", "show", str(tmp_path))
     assert rc == 2 and "is not a run directory (no manifest.json)" in err
+
+
+def _run(root: Path, name: str) -> Path:
+    """A finished run of 12 steps with an event each (a spike at 7), by the run store."""
+    store = runstore.RunStore.create(root, name, "model:\n  seq_len: 8\n", flush_every_steps=5)
+    for step in range(1, 13):
+        store.write_step(0, step, {LOSS: 5.0 - 0.1 * step, TOKENS: 64.0 * step})
+        kind = EventKind.SPIKE if step == 7 else EventKind.CHECKPOINT
+        store.write_event(Event(step, 0, kind, Severity.WARNING, f"event {step}", {}))
+    store.close("finished")
+    return store.path
+
+
+def _row(out: str, run: Path) -> list[str]:
+    """The run's row of 'runs list' and the notes under it."""
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(run.name))
+    return [lines[at], *takewhile(lambda line: line.startswith("  ! "), lines[at + 1 :])]
+
+
+def test_runs_list_and_show_name_what_they_skipped(tmp_path: Path, capsys) -> None:
+    gone, garbage, bad_config = (_run(tmp_path, n) for n in ("gone", "garbage", "config"))
+    (gone / runstore.MANIFEST).unlink()
+    lines = (garbage / runstore.EVENTS).read_text().splitlines()
+    lines.insert(6, "garbage{{")  # line 7
+    (garbage / runstore.EVENTS).write_text("\n".join(lines) + "\n")
+    (bad_config / runstore.CONFIG).write_text("model:\n  seq_len: 8\n bad: [\n")
+
+    rc, out, _ = run_cli(capsys, "runs", "list", str(tmp_path))
+    assert rc == 0
+    row, note = _row(out, gone)
+    assert row.split()[1:3] == ["damaged", "12"]
+    assert note == "  ! no manifest.json (deleted, or never written)"
+    row, note = _row(out, garbage)
+    assert row.split()[1:3] == ["finished", "12"]
+    assert note == "  ! 1 unreadable event line skipped (line 7 of events.jsonl)"
+    row, note = _row(out, bad_config)
+    assert row.split()[1:3] == ["finished", "12"]
+    assert note.startswith("  ! config.yaml is not valid YAML: line 3, column 2: expected")
+
+    rc, out, _ = run_cli(capsys, "runs", "show", str(gone))
+    assert rc == 0
+    assert "problem  no manifest.json (deleted, or never written)" in out
+    assert "status   damaged (no readable manifest" in out
+    assert "progress step 12, 768 tokens" in out and "record   no gap" in out
+    assert "events   checkpoint 11, spike 1" in out and "spike: event 7" in out
+    rc, out, _ = run_cli(capsys, "runs", "show", str(gone), "--json")
+    info = json.loads(out)
+    assert info["manifest"] is None and info["summary"]["state"] == "damaged"
+    assert len(info["events"]) == 12
+
+    rc, out, _ = run_cli(capsys, "runs", "show", str(garbage))
+    assert "problem  1 unreadable event line skipped (line 7 of events.jsonl)" in out
+    assert "events   checkpoint 11, spike 1" in out  # every readable event still counted
+    rc, out, _ = run_cli(capsys, "runs", "show", str(bad_config))
+    assert "problem  config.yaml is not valid YAML: line 3, column 2" in out
+
+
+def test_runs_list_shows_a_lone_run_without_its_manifest(tmp_path: Path, capsys) -> None:
+    """It used to say 'no runs under ROOT' although the run's record was intact."""
+    run = _run(tmp_path, "alone")
+    (run / runstore.MANIFEST).unlink()
+    rc, out, _ = run_cli(capsys, "runs", "list", str(tmp_path))
+    assert rc == 0 and "no runs under" not in out
+    assert _row(out, run)[0].split()[1] == "damaged"

@@ -88,6 +88,51 @@ def test_events_are_lines_and_a_torn_line_is_ignored(tmp_path: Path) -> None:
     ]
     assert events[0]["data"] == {"p": "x"}
     assert set(events[0]) == {"time", "step", "attempt", "kind", "severity", "message", "data"}
+    report = runstore.read_events_report(store.path)
+    assert (report.skipped, report.cut) == ((), 3)
+    assert report.problem == "a last line cut mid-write ignored (line 3 of events.jsonl)"
+    # a resume (and the chat outbox) first ends the cut line: the next event is not lost
+    again = RunStore.reopen(store.path)
+    again.write_event(Event(6, 1, EventKind.RESUME, Severity.INFO, "resumed", {}))
+    again.close("finished")
+    runstore.append_line(store.path / "events.jsonl", {"step": 7, "kind": "chat"})
+    report = runstore.read_events_report(store.path)
+    assert [e["step"] for e in report.events] == [3, 4, 6, 7]
+    assert (report.skipped, report.cut) == ((3,), None)
+
+
+def _event(step: int, kind: str = EventKind.CHECKPOINT) -> Event:
+    return Event(step, 0, kind, Severity.WARNING, f"event {step}", {})
+
+
+def test_garbage_event_lines_are_counted_and_named(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    for step in range(1, 7):
+        store.write_event(_event(step))
+    store.close("finished")
+    lines = (store.path / "events.jsonl").read_text().splitlines()
+    lines.insert(1, "not json")  # line 2
+    lines.insert(3, json.dumps(["a list", "not an event"]))  # line 4
+    lines.insert(5, "")  # line 6: blank, holds nothing, not counted
+    (store.path / "events.jsonl").write_text("\n".join(lines) + "\n")
+    assert [e["step"] for e in runstore.read_events(store.path)] == [1, 2, 3, 4, 5, 6]
+    report = runstore.read_events_report(store.path)
+    assert (report.skipped, report.cut) == ((2, 4), None)
+    message = "2 unreadable event lines skipped (lines 2, 4 of events.jsonl)"
+    assert report.problem == message
+    assert runstore.summarize(store.path).problems == [message]
+
+
+def test_many_garbage_lines_are_counted_with_the_first_named(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    store.write_event(_event(1))
+    store.close("finished")
+    with open(store.path / "events.jsonl", "a") as f:
+        f.write("garbage\n" * 8)
+    problem = runstore.read_events_report(store.path).problem
+    assert problem == (
+        "8 unreadable event lines skipped (lines 2, 3, 4, 5, 6 and 3 more of events.jsonl)"
+    )
 
 
 def test_close_rejects_unknown_status(tmp_path: Path) -> None:
@@ -148,10 +193,89 @@ def test_bad_run_dirs_are_clear_errors(tmp_path: Path) -> None:
         runstore.read_metrics(tmp_path / "empty")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "manifest.json").write_text("{not json")
-    with pytest.raises(RunDirError, match="damaged"):
-        runstore.summarize(tmp_path / "broken")
+    with pytest.raises(RunDirError, match="is damaged: manifest.json is not valid JSON"):
+        runstore.read_manifest(tmp_path / "broken")
+    assert runstore.summarize(tmp_path / "broken").state == runstore.DAMAGED
     with pytest.raises(RunDirError, match="does not exist"):
         runstore.list_runs(tmp_path / "nothing")
+
+
+def _recorded(tmp_path: Path) -> RunStore:
+    """A finished run with rows over two attempts and events, written by the run store."""
+    store = make(tmp_path, flush_every_steps=4)
+    for attempt, steps in ((0, range(1, 9)), (1, range(5, 11))):
+        for step in steps:
+            val = {VAL.key(source="code"): 3.0 + (step % 4)} if step % 2 == 0 else {}
+            values = {LOSS: 5.0 - 0.1 * step, catalog.TOKENS.name: 64.0 * step, **val}
+            store.write_step(attempt, step, values)
+    store.write_event(_event(3, EventKind.SPIKE))
+    store.write_event(_event(8, EventKind.ROLLBACK))
+    store.close("finished")
+    return store
+
+
+def test_a_run_whose_manifest_is_deleted_is_summarised_from_the_rest(tmp_path: Path) -> None:
+    store = _recorded(tmp_path)
+    intact = runstore.summarize(store.path)
+    (store.path / "manifest.json").unlink()
+    assert runstore.is_run_dir(store.path)
+    [s] = runstore.list_runs(tmp_path)
+    assert (s.id, s.name, s.status, s.state) == (store.path.name, "", "unknown", "damaged")
+    assert s.problems == ["no manifest.json (deleted, or never written)"]
+    # what the manifest's summary said, recomputed from the metric rows
+    for fact in ("last_step", "attempt", "tokens", "train_loss", "val_loss", "best_val_loss"):
+        assert getattr(s, fact) == getattr(intact, fact), fact
+    assert (s.last_step, s.attempt, s.best_val_loss) == (10, 1, {"code": 3.0})
+    assert s.events == {"spike": 1, "rollback": 1}
+    first_row = runstore.read_metrics(store.path)["time"].to_pylist()[0]
+    first_event = runstore.read_events(store.path)[0]["time"]
+    assert s.start == min(first_row, first_event) and s.start >= intact.start
+    with pytest.raises(RunDirError, match="is damaged: no manifest.json"):
+        runstore.read_manifest(store.path)
+
+
+def test_a_run_whose_manifest_is_not_json_is_listed_as_damaged(tmp_path: Path) -> None:
+    store = _recorded(tmp_path)
+    (store.path / "manifest.json").write_text('{"id": "x", "sta')
+    [s] = runstore.list_runs(tmp_path)
+    assert s.state == "damaged" and s.last_step == 10
+    [problem] = s.problems
+    assert problem.startswith("manifest.json is not valid JSON: Unterminated string")
+    (store.path / "manifest.json").write_text("[1, 2]")
+    assert runstore.summarize(store.path).problems == [
+        "manifest.json holds a JSON list, not an object"
+    ]
+
+
+def test_what_makes_a_folder_a_run_directory(tmp_path: Path) -> None:
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "config.yaml").write_text("model: {}\n")
+    assert not runstore.is_run_dir(lone)  # one part alone could be anyone's
+    (lone / "events.jsonl").write_text("")
+    assert runstore.is_run_dir(lone) and runstore.find_runs([tmp_path]) == [lone]
+    assert not runstore.is_run_dir(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "model:\n  seq_len: 8\n bad: [\n",
+            "config.yaml is not valid YAML: line 3, column 2: expected <block end>, "
+            "but found '<block mapping start>'",
+        ),
+        ("- a\n- b\n", "config.yaml is not a mapping of sections (it holds a list)"),
+    ],
+)
+def test_an_invalid_config_yaml_is_named(tmp_path: Path, text: str, problem: str) -> None:
+    store = _recorded(tmp_path)
+    (store.path / "config.yaml").write_text(text)
+    assert runstore.read_config(store.path) == runstore.ConfigRead({}, problem)
+    s = runstore.summarize(store.path)
+    assert s.problems == [problem] and s.state == "finished" and s.last_step == 10
+    (store.path / "config.yaml").write_text("")  # empty: every setting at its default
+    assert runstore.read_config(store.path) == runstore.ConfigRead({})
 
 
 def test_empty_run_reads_as_empty(tmp_path: Path) -> None:

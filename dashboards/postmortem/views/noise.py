@@ -21,7 +21,8 @@ def render(run: Path) -> None:
         return
     frame, _, damaged = got
     ui.damaged_note(damaged)
-    seq = (data.cached_config(str(run), fp).get("model") or {}).get("seq_len")
+    cfg = data.cached_config(str(run), fp)
+    seq = (cfg.data.get("model") or {}).get("seq_len")
     gns = frame[frame.series == GNS]
     if gns.empty:
         st.info(
@@ -32,7 +33,8 @@ def render(run: Path) -> None:
         # B_simple is in sequences; the batch is in tokens: one axis, tokens
         gns = gns.assign(value=gns.value * float(seq))
     else:
-        st.warning("config.yaml has no model.seq_len: B_noise is drawn in sequences.")
+        why = "config.yaml could not be read" if cfg.problem else "config.yaml has no model.seq_len"
+        st.warning(f"{why}: B_noise is drawn in sequences.")
     named = pd.concat(
         [
             gns.assign(series="B_noise (critical batch)"),

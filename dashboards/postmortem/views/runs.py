@@ -12,7 +12,7 @@ if not ui.no_runs_message():
     shown = frame.drop(columns=["path"])
     if not frame.problem.fillna("").eq("").all():
         for row in frame[frame.problem.fillna("") != ""].itertuples():
-            st.warning(f"`{row.run}`: {row.problem}")
+            st.warning(f"`{row.run}` ({row.status}): {row.problem}")
 
     def picked() -> None:
         rows = st.session_state["runs_table"].selection.rows

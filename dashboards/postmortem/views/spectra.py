@@ -20,7 +20,8 @@ def render(run: Path) -> None:
         ui.no_data("weight spectra (probes.spectra, or `yoto spectra RUN --step S`)")
         return
     st.subheader("alpha per matrix over time")
-    band = data.alpha_band(data.cached_config(str(run), fp))
+    cfg = data.cached_config(str(run), fp)
+    band = data.alpha_band(cfg.data)
     if band.problem:
         st.warning(band.problem)
     edges = pd.DataFrame({"y": [band.low, band.high]})
@@ -37,9 +38,10 @@ def render(run: Path) -> None:
     )
     rules = alt.Chart(edges).mark_rule(strokeDash=[4, 3], color="gray").encode(y="y:Q")
     st.altair_chart((alpha + rules).properties(height=320).interactive(), width="stretch")
+    whose = "the default, config.yaml unreadable" if cfg.problem else "this run's probes.spectra"
     st.caption(
-        f"Healthy band {band.low:g} ≤ alpha ≤ {band.high:g} (dashed; this run's "
-        "probes.spectra): below is over-trained / heavy-tailed, above under-trained."
+        f"Healthy band {band.low:g} ≤ alpha ≤ {band.high:g} (dashed; {whose}): "
+        "below is over-trained / heavy-tailed, above under-trained."
     )
 
     st.subheader("Eigenvalue spectrum")
