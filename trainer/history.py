@@ -95,11 +95,15 @@ class History:
             self.unhealthy.append(step)
             del self.unhealthy[:-_UNHEALTHY_KEPT]
 
-    def is_good(self, ckpt_step: int, now: int, healthy_steps: int) -> bool:
-        """A checkpoint is good once ``healthy_steps`` healthy steps followed it."""
+    def is_good(self, ckpt_step: int, now: int, healthy_steps: int, onset: int) -> bool:
+        """A checkpoint is good, for an anomaly beginning at ``onset``, once ``healthy_steps``
+        steps followed it and none of them before the onset was unhealthy: the anomaly's
+        own steps say nothing of the checkpoint (else one taken exactly ``min_distance``
+        steps before the onset, with ``min_distance <= healthy_steps``, never would be)."""
         if now - ckpt_step < healthy_steps:
             return False
-        return not any(ckpt_step < s <= ckpt_step + healthy_steps for s in self.unhealthy)
+        last = min(ckpt_step + healthy_steps, onset - 1)
+        return not any(ckpt_step < s <= last for s in self.unhealthy)
 
     def record_position(self, step: int, position: int) -> None:
         self.positions[step] = position

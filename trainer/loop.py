@@ -580,11 +580,12 @@ class Trainer:
             # never leaves a gap (one Parquet segment per checkpoint, fsync'd).
             self.sinks.flush()
             self._warn_if_checkpoint_will_not_fit()
-            # pruning after this save must keep the newest good one
+            # pruning after this save must keep the newest good one (for an anomaly
+            # beginning at the next step, the earliest one could)
             good = good_checkpoint(
                 list_checkpoints(self.checkpointer.root),
                 self.history,
-                onset=self.branch.step,
+                onset=self.branch.step + 1,
                 now=self.branch.step,
                 cfg=self.cfg,
             )

@@ -1,12 +1,13 @@
 """Rollback: back to the newest good checkpoint before the onset, past the bad data.
 
-A checkpoint is *good* once ``healthy_steps`` steps without a spike, non-finite value or
-overflow followed it; a rollback uses the newest good one taken at least ``min_distance``
-steps before the onset. It restores model, optimizer, sampler and probe state from it,
-then moves the sampler past the data window between the checkpoint and the onset plus
-``skip_margin`` batches (PaLM: restart ~100 steps before the spike, skip 200-500
-batches), optionally cools the LR down, and starts a new ``attempt``: the abandoned
-branch's rows stay in the run directory under the old one, its checkpoints are removed.
+A checkpoint is *good* once ``healthy_steps`` steps followed it with no spike, non-finite
+value or overflow before the onset (the anomaly's own steps do not count against it); a
+rollback uses the newest good one taken at least ``min_distance`` steps before the onset.
+It restores model, optimizer, sampler and probe state from it, then moves the sampler
+past the data window between the checkpoint and the onset plus ``skip_margin`` batches
+(PaLM: restart ~100 steps before the spike, skip 200-500 batches), optionally cools the
+LR down, and starts a new ``attempt``: the abandoned branch's rows stay in the run
+directory under the old one, its checkpoints are removed.
 
 This module decides, and knows no Trainer: :func:`plan_rollback` turns (history,
 checkpoints, decision) into a :class:`RollbackPlan`, which ``Trainer.roll_back`` carries
@@ -44,14 +45,15 @@ def good_checkpoint(
     cfg: Config,
     intact: Callable[[CheckpointDir], bool] = _intact,
 ) -> CheckpointDir | None:
-    """The newest intact checkpoint (of ``checkpoints``, oldest first) taken
-    ``min_distance`` steps before ``onset`` and followed by ``healthy_steps`` healthy
-    steps, at step ``now`` of the current branch."""
+    """The newest intact checkpoint (of ``checkpoints``, oldest first) taken at least
+    ``min_distance`` steps before ``onset`` (step ``onset - min_distance`` qualifies) and
+    followed by ``healthy_steps`` steps that were healthy up to the onset, at step ``now``
+    of the current branch."""
     rb = cfg.policy.rollback
     for ckpt in reversed(checkpoints):
         if ckpt.step > onset - rb.min_distance or ckpt.step > now:
             continue
-        if history.is_good(ckpt.step, now, rb.healthy_steps) and intact(ckpt):
+        if history.is_good(ckpt.step, now, rb.healthy_steps, onset) and intact(ckpt):
             return ckpt
     return None
 

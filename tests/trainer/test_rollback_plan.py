@@ -7,7 +7,7 @@ from yoto.config import load_config
 from yoto.events import Reason
 from yoto.runstore import CheckpointDir
 from yoto.trainer.history import Branch, History
-from yoto.trainer.rollback import plan_rollback
+from yoto.trainer.rollback import good_checkpoint, plan_rollback
 
 CKPTS = [CheckpointDir(s, Path(f"/nowhere/step-{s}")) for s in (20, 40, 60, 80)]
 CFG = load_config(
@@ -42,6 +42,24 @@ def test_the_newest_good_checkpoint_min_distance_before_the_onset() -> None:
     done = p.record(checkpoint_position=60 * 16, seconds=0.1)
     assert (done.to_step, done.skipped_sequences, done.skipped_batches) == (60, 70 * 16, 70)
     assert done.sampler_position_resume == 130 * 16 and done.checkpoint == "step-60"
+
+
+def test_a_checkpoint_exactly_min_distance_before_the_onset_is_good() -> None:
+    """A weight blow-up at step 220 (min_distance = healthy_steps = 20) goes back to step-200,
+    not step-100: the onset's own unhealthy steps do not count against the checkpoint."""
+    ckpts = [CheckpointDir(s, Path(f"/nowhere/step-{s}")) for s in (100, 200)]
+    rb = CFG.policy.rollback
+    assert rb.min_distance == rb.healthy_steps == 20
+
+    def chosen(unhealthy: list[int], onset: int = 220) -> int | None:
+        history = History(unhealthy=unhealthy)
+        ckpt = good_checkpoint(ckpts, history, onset=onset, now=225, cfg=CFG, intact=lambda c: True)
+        return ckpt.step if ckpt is not None else None
+
+    assert chosen([220, 221, 222]) == 200  # exactly min_distance before the onset
+    assert chosen([219, 220]) == 100  # an unhealthy step before the onset: not good
+    assert chosen([220], onset=219) == 100  # 200 is one step too close
+    assert chosen([], onset=120) == 100 and chosen([], onset=119) is None
 
 
 def test_unhealthy_and_damaged_checkpoints_are_passed_over() -> None:
