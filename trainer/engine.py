@@ -21,6 +21,7 @@ from yoto.config import Config, deep_merge
 from yoto.errors import ConfigError
 
 from .distributed import DistInfo
+from .skip_step import SkipGate, SkipStepAdamW
 
 log = logging.getLogger("yoto")
 
@@ -94,6 +95,10 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
         "steps_per_print": 2**62,  # yoto reports; DeepSpeed's own log lines stay quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.optim.skip_step.enabled:
+        # DeepSpeed's ZeRO asks to be told when the client optimizer is not one it knows;
+        # SkipStepAdamW is tested here at ZeRO 0, 1, 2 and 3 (tests/trainer/test_skip_step.py)
+        ds["zero_allow_untested_optimizer"] = True
     return deep_merge(ds, cfg.deepspeed)
 
 
@@ -112,9 +117,25 @@ def make_optimizer(
         {"params": decay, "weight_decay": o.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if o.skip_step.enabled:
+        gate = SkipGate(o.skip_step, device)
+        return SkipStepAdamW(
+            groups, gate, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0
+        )
     return torch.optim.AdamW(
         groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda"
     )
+
+
+def skip_gate(engine: Any) -> SkipGate | None:
+    """The skip-step gate of the engine's client optimizer (under DeepSpeed's wrapper, if
+    any), or None when skip-step is off."""
+    optimizer = engine.optimizer
+    for _ in range(3):  # engine.optimizer -> the ZeRO/bf16/fp16 wrapper -> the client
+        if isinstance(optimizer, SkipStepAdamW):
+            return optimizer.gate
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, info: DistInfo) -> Any:
@@ -126,6 +147,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, info: DistInfo) -> Any:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world)
     )
+    gate = skip_gate(engine)
+    if gate is not None and engine.optimizer is not optimizer:
+        # a wrapper computed the global norm (pre-clip) when it calls the client's step:
+        # the attribute DeepSpeed's engine reads after it (get_global_grad_norm)
+        wrapper = engine.optimizer
+        gate.norm_source = lambda: getattr(wrapper, "_global_grad_norm", None)
     return engine
 
 

@@ -51,6 +51,7 @@ class History:
     skipped_batches: int = 0
     batch_size_changes: int = 0
     faults_injected: int = 0
+    skipped_steps: int = 0  # updates skip-step did not apply (the data was still used)
     halted: bool = False
     positions: dict[int, int] = field(default_factory=dict)  # step -> sampler position before
 

@@ -14,8 +14,11 @@ One optimizer step (``Trainer.step_once``), in order, and where each hook fires 
           loss = engine(x, y)                 forward hooks (activations) on probe steps only
           engine.backward(loss)               param hooks (micro-batch grad norms) on device
           runner.on_micro_step(ctx)           <- micro-batch hook
+      (boundary) mean loss + stop flag        one all-reduce, before the update
+      skip_gate.begin(loss, grad_norm)        skip-step: the outlier test, on device
           engine.step()                       DeepSpeed applies the update at the boundary
-    reduce_and_count(work)                    mean loss + stop flag: one all-reduce; counters
+      skip_gate.end()                         (the update was skipped or applied)
+    reduce_and_count(work)                    the branch's counters
     emit_samples(work)                        the loop's numbers; runner.on_step(ctx) <- step hook
     flush(work)                               ONE device->host transfer for the step
     evaluate (every eval.every steps)         per-source validation loss, its own flush
@@ -78,7 +81,10 @@ class StepWork:
     started: float  # perf_counter at the start of the step
     n_micro: int = 0  # micro-batches per rank
     loss: torch.Tensor | None = None  # mean over the global batch, on device
+    z_loss: torch.Tensor | None = None  # model.z_loss's term, the same mean; None when off
     grad_norm: torch.Tensor | float | None = None  # global, before clipping; None: skipped
+    control: torch.Tensor | None = None  # the stop flags, all-reduced (several ranks only)
+    update_skipped: torch.Tensor | None = None  # skip-step's verdict, on device (when on)
 
 
 class Trainer:
@@ -109,6 +115,7 @@ class Trainer:
         self.history = History()  # survives rollbacks
         self.stop_requested = False  # set by a signal handler; agreed by all ranks
         self.own_clipping = eng.own_clipping(cfg)
+        self.skip_gate = eng.skip_gate(engine)  # None unless optim.skip_step.enabled
         self.fp16 = cfg.train.precision == "fp16"
         self.batch = BatchController(cfg.train, info.world)
         self.policy = Policy(cfg.policy)
@@ -181,11 +188,14 @@ class Trainer:
             self.runner.finish(0.0 if stop else cfg.probes.spectra.end_timeout_seconds)
             values.update(self.runner.flush()[0])
         step = self.branch.step
+        skipped = values.get(catalog.STEP_SKIPPED.name) == 1.0
+        if skipped:
+            self._skipped_update(step, values)
         self.verdicts = self.runner.detect(step, values)
         self.b_noise = values.get(catalog.GRADIENT_NOISE_SCALE.name, self.b_noise)
         self.history.observe(step, self.verdicts)
         self.decision = agree(
-            self.policy.decide(step, self.verdicts, self.history.rollbacks),
+            self.policy.decide(step, self.verdicts, self.history.rollbacks, skipped),
             self.info.world,
             self.info.device,
         )
@@ -263,6 +273,7 @@ class Trainer:
         cfg, engine, info, faults = self.cfg, self.engine, self.info, self.faults
         work.n_micro = n_micro = engine.gradient_accumulation_steps()
         loss_sum = torch.zeros((), device=info.device)
+        work.z_loss = torch.zeros((), device=info.device) if cfg.model.z_loss else None
         grad_norm: torch.Tensor | float | None = None
         for micro in range(n_micro):
             tokens = self.sampler.micro_batch(
@@ -275,49 +286,72 @@ class Trainer:
             boundary = micro == n_micro - 1
             engine.set_gradient_accumulation_boundary(boundary)
             prefix = self._prefix_lengths(work.step, micro, tokens.size(0))
-            loss = engine(tokens[:, :-1], tokens[:, 1:], prefix)
-            loss = loss * faults.loss_factor() if faults.faults else loss
+            # loss: what to back-propagate; lm: its cross-entropy; z: the z-loss or None
+            loss, lm, z = engine(tokens[:, :-1], tokens[:, 1:], prefix, terms=True)
+            if faults.faults:
+                loss, lm = loss * faults.loss_factor(), lm * faults.loss_factor()
             poison = faults.poison_grads(engine.module) if faults.faults else None
             engine.backward(loss)
             if poison is not None:
                 poison.remove()
-            loss_sum += loss.detach().float()
+            loss_sum += lm
+            if z is not None:
+                work.z_loss += z / n_micro
             self.runner.on_micro_step(
-                MicroStepContext(work.step, micro, n_micro, loss.detach(), tokens, engine)
+                MicroStepContext(work.step, micro, n_micro, lm, tokens, engine)
             )
             if boundary and self.own_clipping:
                 grad_norm = eng.clip_own(engine, cfg.optim.grad_clip)
+            if boundary:
+                self._reduce_loss(work, loss_sum / n_micro)
+                if self.skip_gate is not None:
+                    own = grad_norm if isinstance(grad_norm, torch.Tensor) else None
+                    self.skip_gate.begin(work.loss, own)
             engine.step()
+        if self.skip_gate is not None:
+            work.update_skipped = self.skip_gate.end()
         if grad_norm is None:
             grad_norm = eng.reported_grad_norm(engine)
         if self.fp16 and not engine.was_step_applied():
             grad_norm = None  # a skipped fp16 step's norm is inf by design, not a spike
-        work.loss, work.grad_norm = loss_sum / n_micro, grad_norm
+        work.grad_norm = grad_norm
 
-    def reduce_and_count(self, work: StepWork) -> torch.Tensor | None:
+    def _reduce_loss(self, work: StepWork, loss: torch.Tensor) -> None:
         """Mean loss over ranks and the stop flag in one collective (only with several
-        ranks; returns the reduced flags, still on device); then the branch's counters."""
-        info, branch, seq_len = self.info, self.branch, self.cfg.model.seq_len
-        control = None
+        ranks; the flags stay on device), before the update: skip-step's test needs the
+        global loss."""
+        info = self.info
+        work.loss = loss
         if info.world > 1:
             flags = torch.tensor([1.0 if self.stop_requested else 0.0], device=info.device)
-            buf = distributed.all_reduce_sum_(torch.cat([work.loss.reshape(1), flags]))
-            work.loss, control = buf[0] / info.world, buf[1:]
+            means = [loss] if work.z_loss is None else [loss, work.z_loss]  # z-loss rides along
+            buf = distributed.all_reduce_sum_(torch.cat([torch.stack(means), flags]))
+            work.loss, work.control = buf[0] / info.world, buf[len(means) :]
+            if work.z_loss is not None:
+                work.z_loss = buf[1] / info.world
+
+    def reduce_and_count(self, work: StepWork) -> torch.Tensor | None:
+        """The branch's counters; returns the stop flags reduced with the loss."""
+        branch, seq_len = self.branch, self.cfg.model.seq_len
         branch.step += 1
         branch.tokens += work.batch_size * seq_len
         sources = self.sampler.sources
         per_source = np.bincount(self.sampler.sources_of(work.windows), minlength=len(sources))
         for name, count in zip(sources, map(int, per_source * seq_len), strict=True):
             branch.source_tokens[name] = branch.source_tokens.get(name, 0) + count
-        return control
+        return work.control
 
     def emit_samples(self, work: StepWork) -> None:
         """The loop's own numbers, then the probes' step hook; all stay on device."""
         cfg, runner, branch = self.cfg, self.runner, self.branch
         runner.add(Sample(catalog.TRAIN_LOSS.name, work.loss))
+        if work.z_loss is not None:
+            runner.add(Sample(catalog.Z_LOSS.name, work.z_loss))
         if work.grad_norm is not None:
             runner.add(Sample(catalog.GRAD_NORM.name, work.grad_norm))
         runner.add(Sample(catalog.LEARNING_RATE.name, work.lr))
+        if work.update_skipped is not None:
+            runner.add(Sample(catalog.STEP_SKIPPED.name, work.update_skipped.float()))
         tokens_per_step = self.engine.train_batch_size() * cfg.model.seq_len
         runner.add(Sample(catalog.BATCH_SIZE_TOKENS.name, tokens_per_step))
         runner.add(Sample(catalog.STEPS.name, branch.step))
@@ -388,6 +422,23 @@ class Trainer:
                 attempt = self.history.attempt_of(record.step, self.branch)
                 self.sinks.write_records(record.table, attempt, record.step, record.rows)
 
+    def _skipped_update(self, step: int, values: dict[str, float]) -> None:
+        """Skip-step left this step's update out (decided on the device; known here from
+        the step's one transfer): counted, and one event."""
+        self.history.skipped_steps += 1
+        loss, norm = values.get(catalog.TRAIN_LOSS.name), values.get(catalog.GRAD_NORM.name)
+        self.event(
+            EventKind.SKIP_STEP,
+            Severity.WARNING,
+            f"update of step {step} skipped: loss {loss:.4g}, grad norm "
+            f"{'n/a' if norm is None else format(norm, '.4g')} "
+            f"(an outlier beyond {self.cfg.optim.skip_step.sigma:g} sigma of the last "
+            f"{self.cfg.optim.skip_step.window} steps, or not finite)",
+            step=step,
+            loss=loss,
+            grad_norm=norm,
+        )
+
     def _intervention_values(self) -> dict[str, float]:
         history, action = self.history, self.decision.action
         return {  # this step's rollback is counted in its own row (applied after it)
@@ -395,6 +446,7 @@ class Trainer:
             catalog.SKIPPED_BATCHES.name: float(history.skipped_batches),
             catalog.BATCH_SIZE_CHANGES.name: float(history.batch_size_changes),
             catalog.FAULTS_INJECTED.name: float(history.faults_injected),
+            catalog.SKIPPED_STEPS.name: float(history.skipped_steps),
             catalog.HALTED.name: float(action == Action.HALT),
         }
 
@@ -530,7 +582,7 @@ class Trainer:
             for batch in batches:
                 batch = batch.to(info.device, non_blocking=True)
                 prefix = self._prefix_lengths(0, 0, batch.size(0), fixed=True)
-                loss = engine(batch[:, :-1], batch[:, 1:], prefix)
+                loss = engine(batch[:, :-1], batch[:, 1:], prefix, terms=True).lm  # no z-loss
                 sums[i, 0] += loss.double() * batch.size(0)
                 sums[i, 1] += batch.size(0)
         engine.train()
@@ -563,6 +615,7 @@ class Trainer:
                 "branch": asdict(self.branch),
                 "sampler": self.sampler.state_dict(),
                 "probes": self.runner.state_dict(),
+                "skip_step": self.skip_gate.state_dict() if self.skip_gate else {},
                 "batch_size": self.engine.train_batch_size(),
                 # the run's history: read back on resume, never by a rollback
                 "history": self.history.state_dict(),
@@ -621,6 +674,8 @@ class Trainer:
         self.branch = Branch(**client.get("branch", client.get("state")))  # state: older
         self.sampler.load_state_dict(client["sampler"])
         self.runner.load_state_dict(client.get("probes", {}))
+        if self.skip_gate is not None:
+            self.skip_gate.load_state_dict(client.get("skip_step", {}))
         if resume:
             history = client.get("history", client.get("run"))  # run: older checkpoints
             if history is not None:

@@ -14,6 +14,7 @@ Shapes: B batch, T sequence length, C = d_model, V vocabulary, P prefix lengths 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,26 @@ def non_embedding_parameters(cfg: Config) -> int:
     it that could drift from the architecture."""
     with torch.device("meta"):
         return GPT(cfg.model, vocab_size(cfg)).num_params()
+
+
+class LossTerms(NamedTuple):
+    """A training forward's loss and its parts (``GPT.forward(..., terms=True)``)."""
+
+    loss: torch.Tensor  # what to back-propagate: lm + z (lm alone when z-loss is off)
+    lm: torch.Tensor  # the mean cross-entropy, detached (0-d, float32)
+    z: torch.Tensor | None  # model.z_loss x mean(log^2 Z), detached; None when off
+
+
+def z_loss_term(
+    logits: torch.Tensor, targets: torch.Tensor, coefficient: float, ignore_index: int = -100
+) -> torch.Tensor:
+    """PaLM's z-loss: ``coefficient x mean(log^2 Z)`` over the positions the cross-entropy
+    counts (targets != ignore_index), log Z = logsumexp of a position's logits in fp32
+    (the definition of the probe ``yoto_output_logit_log_z``). logits (N, V), targets (N,).
+    No host read: a position mask, not boolean indexing."""
+    log_z = torch.logsumexp(logits.float(), dim=-1)  # (N,)
+    counted = (targets != ignore_index).float()
+    return coefficient * (log_z.square() * counted).sum() / counted.sum().clamp(min=1.0)
 
 
 class RMSNorm(nn.Module):
@@ -167,10 +188,13 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        terms: bool = False,
+    ) -> torch.Tensor | LossTerms:
         """idx (B, T) token ids; prefix_len (B,) for a prefix-LM (ignored when causal).
-        With targets (B, T): the mean cross-entropy (0-d, float32); without: the logits
-        (B, T, V)."""
+        With targets (B, T): the loss to back-propagate (0-d, float32), the mean
+        cross-entropy plus, when ``model.z_loss`` > 0, the z-loss term; with ``terms``
+        also its detached parts (``LossTerms``: the loop reports them apart, validation
+        takes the cross-entropy). Without targets: the logits (B, T, V)."""
         T = idx.size(1)
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
@@ -192,9 +216,13 @@ class GPT(nn.Module):
             inside = torch.arange(T, device=idx.device)[None, :] + 1 < prefix_len[:, None]
             targets = targets.masked_fill(inside, -100)
         # fp32 softmax: a bf16 log-partition over V entries loses the small differences
-        return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-        )
+        flat_logits, flat_targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
+        lm = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+        if not self.cfg.z_loss:
+            return LossTerms(lm, lm.detach(), None) if terms else lm
+        z = z_loss_term(flat_logits, flat_targets, self.cfg.z_loss)
+        loss = lm + z
+        return LossTerms(loss, lm.detach(), z.detach()) if terms else loss
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (tied weights counted once). Non-embedding excludes token and

@@ -3,10 +3,12 @@
 Each verdict carries its class, set by the detector that made it (:class:`Reason`:
 ``nonfinite``, ``persistent_spike``, ``spike``, ``loss_scale_min``, ``overflow``,
 ``spectra``, ``probe_failure``; none for a verdict that is only news), and the ``policy:``
-config maps each class to an action. Defaults: a non-finite loss or grad norm, or a spike that
-persists -> rollback; an isolated spike -> alert; the fp16 loss scale at its minimum ->
-rollback, and halt with advice to use bf16 if it happens again. A rollback asked for
-when ``max_rollbacks`` were already spent within ``window_steps`` becomes a halt.
+config maps each class to an action. Defaults: a non-finite loss or grad norm, or a spike
+that persists -> rollback; an isolated spike -> skip_step (its update was left out by
+skip-step, ``optim.skip_step``: an event, no page; without skip-step, or when the step
+was not skipped, an alert); the fp16 loss scale at its minimum -> rollback, and halt with
+advice to use bf16 if it happens again. A rollback asked for when ``max_rollbacks`` were
+already spent within ``window_steps`` becomes a halt.
 
 The verdicts come from globally reduced values (the loss is averaged over ranks, the grad
 norm is global), so every rank computes the same ones; rank 0's decision is still
@@ -30,11 +32,12 @@ from . import distributed
 
 class Action(IntEnum):  # ordered by severity: the largest wins
     NONE = 0
-    ALERT = 1
-    LR_COOLDOWN = 2
-    BATCH_SIZE = 3
-    ROLLBACK = 4
-    HALT = 5
+    SKIP_STEP = 1  # the outlier's update was not applied (skip-step): an event, no page
+    ALERT = 2
+    LR_COOLDOWN = 3
+    BATCH_SIZE = 4
+    ROLLBACK = 5
+    HALT = 6
 
 
 @dataclass
@@ -56,14 +59,24 @@ class Policy:
     def action_for(self, reason: Reason) -> Action:
         return Action[str(getattr(self.cfg, reason)).upper()]
 
-    def decide(self, step: int, verdicts: list[Verdict], rollbacks: Sequence[Rollback]) -> Decision:
-        """The step's decision from its verdicts and the run's rollbacks so far."""
+    def decide(
+        self,
+        step: int,
+        verdicts: list[Verdict],
+        rollbacks: Sequence[Rollback],
+        update_skipped: bool = False,
+    ) -> Decision:
+        """The step's decision from its verdicts, the run's rollbacks so far, and whether
+        skip-step already left this step's update out (``skip_step`` is then the action;
+        otherwise a ``skip_step`` mapping alerts, as without skip-step)."""
         if not self.cfg.enabled:
             return Decision(Action.NONE)
         best = Decision(Action.NONE)
         judged = [v for v in verdicts if v.reason is not None]
         for v in judged:
             action = self.action_for(v.reason)
+            if action == Action.SKIP_STEP and not update_skipped:
+                action = Action.ALERT
             if action > best.action or (action == best.action and v.onset < best.onset):
                 best = Decision(action, v.reason, v.onset, v.message)
         best.verdicts = judged

@@ -83,6 +83,13 @@ TRAIN_LOSS = _metric(
     "nats",
     "Mean cross-entropy of the last optimizer step over the global batch.",
 )
+Z_LOSS = _metric(
+    "yoto_z_loss",
+    "gauge",
+    "nats",
+    "z-loss the last step added to the cross-entropy it back-propagated: model.z_loss x "
+    "mean(log^2 Z), log Z the LM head's log-partition, over the global batch (z_loss > 0 only).",
+)
 GRAD_NORM = _metric(
     "yoto_grad_norm",
     "gauge",
@@ -355,6 +362,19 @@ ROLLBACKS = _metric(
     "counter",
     "",
     "Rollbacks to an earlier checkpoint (the run's attempt grows by one each).",
+)
+SKIPPED_STEPS = _metric(
+    "yoto_skipped_steps_total",
+    "counter",
+    "",
+    "Optimizer steps whose update skip-step did not apply (optim.skip_step: the loss or "
+    "grad norm an outlier of the recent window, or not finite); their data was used.",
+)
+STEP_SKIPPED = _metric(
+    "yoto_step_skipped",
+    "gauge",
+    "",
+    "1 when this step's update was skipped by skip-step, else 0 (only with optim.skip_step on).",
 )
 SKIPPED_BATCHES = _metric(
     "yoto_skipped_batches_total",

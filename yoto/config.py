@@ -72,6 +72,13 @@ class ModelConfig(Section):
     init_std: float = Field(
         0.02, gt=0, description="std of weights; residual outputs get init_std / sqrt(2 * n_layer)"
     )
+    z_loss: float = Field(
+        0.0,
+        ge=0.0,
+        description="PaLM's z-loss coefficient (1e-4 there; 0 = off): the training loss adds "
+        "z_loss x mean(log^2 Z), log Z the output logits' log-partition (fp32), reported as "
+        "yoto_z_loss; yoto_train_loss and the validation loss stay the cross-entropy",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -111,6 +118,17 @@ class DataConfig(Section):
     )
 
 
+class SkipStepConfig(Section):
+    """Skip-step (OLMo-core): a step whose loss or global grad norm is above mean + sigma x
+    std of the last ``window`` steps (or not finite) applies no update and leaves the Adam
+    moments as they were; decided on the device, the same on every rank
+    (trainer/skip_step.py). Active once half the window is filled."""
+
+    enabled: bool = Field(False, description="replaces AdamW by yoto's SkipStepAdamW")
+    sigma: float = Field(6.0, gt=0.0, description="outlier: above mean + sigma x std")
+    window: int = Field(128, ge=4, description="recent steps the mean and std are taken over")
+
+
 class OptimConfig(Section):
     lr: float = Field(1e-3, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR / peak LR")
@@ -124,6 +142,7 @@ class OptimConfig(Section):
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 = off")
+    skip_step: SkipStepConfig = Field(default_factory=SkipStepConfig)
 
 
 class BatchWarmupConfig(Section):
@@ -307,7 +326,7 @@ class ProbesConfig(Section):
     spectra: SpectraConfig = Field(default_factory=SpectraConfig)
 
 
-Action = Literal["none", "alert", "rollback", "lr_cooldown", "batch_size", "halt"]
+Action = Literal["none", "skip_step", "alert", "rollback", "lr_cooldown", "batch_size", "halt"]
 
 
 class RollbackConfig(Section):
@@ -336,7 +355,11 @@ class PolicyConfig(Section):
     enabled: bool = True
     nonfinite: Action = "rollback"
     persistent_spike: Action = "rollback"
-    spike: Action = "alert"
+    spike: Action = Field(
+        "skip_step",
+        description="skip_step: an event when optim.skip_step skipped the update, else an "
+        "alert (as when skip-step is off)",
+    )
     loss_scale_min: Action = Field(
         "rollback", description="then halt (with advice to use bf16) if it happens again"
     )
@@ -386,8 +409,9 @@ class NotifyConfig(Section):
     urls_file: str | None = Field(None, description="file with one URL per line")
     min_severity: Literal["info", "warning", "critical"] = "warning"
     exclude_kinds: list[str] = Field(
-        default_factory=lambda: ["checkpoint", "probe", "spike", "overflow"],
-        description="event kinds never sent (a spike is sent as the policy's alert event)",
+        default_factory=lambda: ["checkpoint", "probe", "spike", "overflow", "skip_step"],
+        description="event kinds never sent (a spike is sent as the policy's alert event; "
+        "an update skip-step absorbed is an event, not a page)",
     )
     link: str | None = Field(
         None,

@@ -37,6 +37,7 @@ class EventKind(StrEnum):
     HALT = "halt"
     SPECTRA = "spectra"  # a layer's weight spectrum left the healthy band
     PROBE = "probe"  # a probe says something about itself (e.g. a metric it cannot compute)
+    SKIP_STEP = "skip_step"  # skip-step did not apply this step's update
     CHAT = "chat"  # chat messages not delivered (written by the notifier, never sent to chat)
 
 

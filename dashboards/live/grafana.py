@@ -136,6 +136,7 @@ def _overview() -> Board:
         (
             _ts(value(c.TRAIN_LOSS), value(c.TRAIN_LOSS_WINDOW_MAX), width=12),
             _ts(value(c.GRAD_NORM), value(c.GRAD_NORM_WINDOW_MAX), width=12, log_scale=10),
+            _ts(value(c.Z_LOSS)),
             _ts(value(c.LEARNING_RATE)),
             _ts(value(c.BATCH_SIZE_TOKENS)),
             _ts(value(c.ATTEMPT)),
@@ -173,12 +174,14 @@ def _stability() -> Board:
             _bars(events(c.GRAD_NORM_SPIKES)),
             _ts(value(c.SPIKE_SCORE), min=0, max=1),
             _bars(events(c.NONFINITE_LOSS_STEPS), title="Non-finite loss steps"),
+            _ts(value(c.STEP_SKIPPED), min=0, max=1, title="Update skipped (skip-step)"),
         ),
     )
     interventions = Section(
         "Interventions",
         (
             _bars(events(c.ROLLBACKS)),
+            _bars(events(c.SKIPPED_STEPS)),
             _bars(events(c.SKIPPED_BATCHES)),
             _bars(events(c.BATCH_SIZE_CHANGES)),
             _bars(events(c.FAULTS_INJECTED)),
@@ -290,7 +293,8 @@ def _layers(cfg: Config) -> Board:
             _heat(c.LAYER_PARAM_NORM, title="Parameter norm per layer"),
             _heat(c.ATTENTION_LOGIT_MAX, title="Attention logit max per layer"),
             _heat(c.ATTENTION_ENTROPY, agg="min", title="Attention entropy per layer"),
-            _ts(value(c.OUTPUT_LOG_Z), width=24),
+            _ts(value(c.OUTPUT_LOG_Z), width=12),
+            _ts(value(c.Z_LOSS), width=12),  # model.z_loss: what keeps log Z near zero
         ),
     )
     spectra = Section(
@@ -363,6 +367,7 @@ def _annotations() -> tuple[Annotation, ...]:
         Annotation("Batch size changes", marks(events(c.BATCH_SIZE_CHANGES)), "blue"),
         Annotation("LR cooldown", kind(EventKind.LR_COOLDOWN), "orange"),
         Annotation("Faults injected", marks(events(c.FAULTS_INJECTED)), "purple"),
+        Annotation("Skipped updates", marks(events(c.SKIPPED_STEPS)), "light-blue"),
         # off by default: spikes are frequent enough to clutter every chart
         Annotation("Spikes", kind(EventKind.SPIKE), "yellow", enabled=False),
     )

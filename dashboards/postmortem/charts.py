@@ -29,6 +29,7 @@ MARKED: dict[EventKind, str] = {
     EventKind.FAULT_INJECTED: "#000000",
     EventKind.SPIKE: "#d62728",
     EventKind.OVERFLOW: "#e377c2",
+    EventKind.SKIP_STEP: "#008080",
     EventKind.ALERT: "#e6a100",
     EventKind.ROLLBACK: "#9467bd",
     EventKind.BATCH_SIZE: "#6f6f6f",
