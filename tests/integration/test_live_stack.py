@@ -52,6 +52,9 @@ EMPTY_BECAUSE = {
     catalog.PROBE_FAILURES.name: "no probe failed",
     catalog.ALERTS_FAILED.name: "no chat delivery failed",
     catalog.ALERTS_DROPPED.name: "no chat message was dropped",
+    catalog.Z_LOSS.name: "z-loss is off (model.z_loss=0)",
+    catalog.STEP_SKIPPED.name: "skip-step is off (optim.skip_step.enabled=false)",
+    catalog.SKIPPED_STEPS.name: "skip-step is off: no update was skipped",
 }
 
 
