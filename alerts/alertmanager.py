@@ -4,9 +4,12 @@ Grouping and timing are chosen for training runs, not web services: a run's aler
 grouped by run and alert name (a spike storm is one message, not fifty); critical alerts
 (non-finite loss, halted, loss scale at minimum, metrics absent) go out after 10 s and
 repeat hourly while they last, because a halted 100B run burns a cluster every minute
-nobody looks; warnings wait 30 s for their group and repeat every 4 hours. A halted run
-inhibits its own spike, rollback and throughput warnings; a target that is down inhibits
-the stalled-run alert.
+nobody looks; warnings wait 30 s for their group and repeat every 4 hours. Info alerts (the raw
+per-series spike rules) go to a receiver with no notifications: what pages about an
+instability is its episode (``YotoInstabilityEpisode``), one alert per run that keeps firing
+while episodes come. A halted run inhibits its own episode, spike, rollback and throughput
+alerts; a rollback inhibits the episode alert it ended (its own alert says more); a target
+that is down inhibits the stalled-run alert.
 
 Secrets never live in this file: Slack and Discord URLs (which are the secret) are read
 from files; webhook endpoints are cluster addresses with a bearer token read from a file;
@@ -25,6 +28,7 @@ from yoto.errors import ConfigError
 CONFIG_FILE = Path("deploy/alertmanager/alertmanager.yml")
 SECRETS = "/etc/alertmanager/secrets"
 CHANNELS = ("slack", "discord", "teams", "webhook")
+SILENT = "silent"  # the receiver of info alerts: no notifications
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,8 @@ def build_config(channels: list[Channel]) -> dict:
             "group_by": ["alertname", "instance", "run"],
             **timing,
             "routes": [
+                # shown in Prometheus and Grafana, never sent: a raw spike is no page
+                {"matchers": ['severity="info"'], "receiver": SILENT},
                 {
                     "matchers": ['severity="critical"'],
                     "receiver": "training-chat",
@@ -91,8 +97,15 @@ def build_config(channels: list[Channel]) -> dict:
             {
                 "source_matchers": ['alertname="YotoRunHalted"'],
                 "target_matchers": [
-                    'alertname=~"YotoLossSpike|YotoRollback|YotoThroughputDrop|YotoRunStalled"'
+                    'alertname=~"YotoInstabilityEpisode|YotoLossSpike|YotoGradNormSpike|'
+                    'YotoRollback|YotoThroughputDrop|YotoRunStalled"'
                 ],
+                "equal": ["instance"],
+            },
+            {
+                # the rollback says it all: its episode, where it went and what it skipped
+                "source_matchers": ['alertname="YotoRollback"'],
+                "target_matchers": ['alertname="YotoInstabilityEpisode"'],
                 "equal": ["instance"],
             },
             {
@@ -101,7 +114,7 @@ def build_config(channels: list[Channel]) -> dict:
                 "equal": ["instance"],
             },
         ],
-        "receivers": [receiver],
+        "receivers": [receiver, {"name": SILENT}],
     }
 
 

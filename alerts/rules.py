@@ -9,6 +9,12 @@ Rules that concern one run carry its name: they are joined with ``yoto_run_info`
 target (``instance``, ``job``), so the chat message Alertmanager sends says which run.
 Thresholds follow the probes' defaults (config.py); a team that changes a probe's band
 regenerates the rules with ``yoto alerts build --config FILE``.
+
+One instability, one page: the raw per-series spike rules (``YotoLossSpike``,
+``YotoGradNormSpike``) are ``info``, visible in Prometheus and Grafana but routed to no
+receiver (alerts/alertmanager.py), so an isolated outlier pages nobody; what pages is
+``YotoInstabilityEpisode``, on the trainer's count of paged episodes
+(trainer/episodes.py), which stays one firing alert per run while episodes keep coming.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ GROUP = "yoto-training"
 class Rule:
     alert: str
     expr: str
-    severity: str  # warning | critical: Alertmanager routes on it
+    severity: str  # info (shown, never sent) | warning | critical: Alertmanager routes on it
     summary: str
     description: str
     for_: str = "0s"
@@ -57,14 +63,35 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
     where = "run {{ $labels.name }} ({{ $labels.instance }})"
     return [
         Rule(
+            "YotoInstabilityEpisode",
+            _per_run(f"increase({m.PAGED_EPISODES.name}[15m]) > 0"),
+            "warning",
+            "Training instability in " + where,
+            "The policy confirmed an instability episode (spikes on several steps, a "
+            "critical one, or a rollback or halt): one alert per run while episodes keep "
+            "coming, not one per rule or step. The run's alert, rollback and episode events "
+            "say its onset, the rules that fired and the peaks; see the Stability dashboard.",
+            metrics=(m.PAGED_EPISODES, m.RUN_INFO),
+        ),
+        Rule(
             "YotoLossSpike",
             _per_run(f"increase({m.LOSS_SPIKES.name}[5m]) > 0"),
-            "warning",
+            "info",
             "Loss spike in " + where,
-            "Loss spike(s) in the last 5 minutes. The policy "
-            "alerts on an isolated spike and rolls back a persistent one; see the run's "
-            "events (yoto runs show) and the Stability dashboard.",
+            "Loss spike(s) in the last 5 minutes: shown, not sent (an isolated outlier "
+            "pages nobody; YotoInstabilityEpisode pages when the policy confirms an "
+            "episode). See the run's events (yoto runs show) and the Stability dashboard.",
             metrics=(m.LOSS_SPIKES, m.RUN_INFO),
+        ),
+        Rule(
+            "YotoGradNormSpike",
+            _per_run(f"increase({m.GRAD_NORM_SPIKES.name}[5m]) > 0"),
+            "info",
+            "Grad-norm spike in " + where,
+            "Global grad-norm spike(s) in the last 5 minutes: shown, not sent (an isolated "
+            "outlier pages nobody; YotoInstabilityEpisode pages when the policy confirms an "
+            "episode). A grad-norm spike often leads a loss spike by a step or two.",
+            metrics=(m.GRAD_NORM_SPIKES, m.RUN_INFO),
         ),
         Rule(
             "YotoNonFiniteLoss",

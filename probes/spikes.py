@@ -197,22 +197,33 @@ class SeriesWatch:
         persistent_steps: int = 5,
     ) -> None:
         self.key, self.label, self.counter = key, label, counter
-        self.rules: list[_Rule] = []
-        if rules.sigma.enabled:
-            self.rules.append(
-                SigmaRule(rules.sigma.k, rules.sigma.window, min_history, rules.sigma.log)
-            )
-        if rules.ratio.enabled:
-            self.rules.append(
-                RatioRule(rules.ratio.ratio, rules.ratio.window, rules.ratio.patience, min_history)
-            )
-        if rules.ewm.enabled:
-            self.rules.append(EwmRule(rules.ewm.span, rules.ewm.ratio, min_history))
+        self._config, self._min_history = rules, min_history
+        self.rules = self._make_rules()
         self.episodes = 0
         self.in_spike = False
         self.nonfinite_since: int | None = None
         self.episode_start = 0
         self.persistent_steps = persistent_steps
+
+    def _make_rules(self) -> list[_Rule]:
+        rules, min_history = self._config, self._min_history
+        made: list[_Rule] = []
+        if rules.sigma.enabled:
+            made.append(SigmaRule(rules.sigma.k, rules.sigma.window, min_history, rules.sigma.log))
+        if rules.ratio.enabled:
+            made.append(
+                RatioRule(rules.ratio.ratio, rules.ratio.window, rules.ratio.patience, min_history)
+            )
+        if rules.ewm.enabled:
+            made.append(EwmRule(rules.ewm.span, rules.ewm.ratio, min_history))
+        return made
+
+    def restart(self) -> None:
+        """Empty the rules' windows (the series changed level for a known reason: the
+        context got shorter); they judge again after ``min_history`` healthy values. The
+        episode count stays."""
+        self.rules = self._make_rules()
+        self.in_spike, self.nonfinite_since = False, None
 
     def observe(self, step: int, value: float | None) -> list[Verdict]:
         if value is None:  # e.g. no grad norm on this engine path
@@ -333,8 +344,16 @@ class SpikeDetector:
             ),
         ]
         self.flags: deque[bool] = deque(maxlen=cfg.score_window)
+        self.seq_len: float | None = None  # the context length of the last step seen
 
     def observe(self, step: int, values: Mapping[str, float]) -> Iterable[Verdict]:
+        seq_len = values.get(catalog.SEQ_LEN.name)
+        if seq_len is not None and self.seq_len is not None and seq_len < self.seq_len:
+            # a shorter context (a rewarming rollback) raises the loss: not a spike, a new
+            # level; judge it against itself once enough of it has been seen
+            for watch in self.watches:
+                watch.restart()
+        self.seq_len = seq_len if seq_len is not None else self.seq_len
         verdicts = []
         for watch in self.watches:
             verdicts.extend(watch.observe(step, values.get(watch.key)))
@@ -348,10 +367,15 @@ class SpikeDetector:
         yield Sample(catalog.SPIKE_SCORE.name, score)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"watches": [w.state() for w in self.watches], "flags": list(self.flags)}
+        return {
+            "watches": [w.state() for w in self.watches],
+            "flags": list(self.flags),
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for watch, saved in zip(self.watches, state["watches"], strict=False):
             watch.load(saved)
         self.flags.clear()
         self.flags.extend(state["flags"])
+        self.seq_len = state.get("seq_len")

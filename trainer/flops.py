@@ -54,9 +54,13 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
-def flops_per_token(cfg: ModelConfig, vocab_size: int, training: bool = True) -> float:
-    """Model FLOPs per token (see the module docstring)."""
-    L, C, T = cfg.n_layer, cfg.d_model, cfg.seq_len
+def flops_per_token(
+    cfg: ModelConfig, vocab_size: int, training: bool = True, seq_len: int | None = None
+) -> float:
+    """Model FLOPs per token (see the module docstring) at context ``seq_len`` (default
+    ``model.seq_len``; shorter during a sequence-length warmup: only the attention term
+    depends on it)."""
+    L, C, T = cfg.n_layer, cfg.d_model, seq_len or cfg.seq_len
     h = mlp_hidden(cfg)
     mlp = (3 if cfg.activation in GLU else 2) * C * h
     matmul = 2 * (L * (4 * C * C + mlp) + C * vocab_size)

@@ -13,7 +13,8 @@ could loop forever).
   Checkpoints carry a copy so that a *resume* gets it back; a rollback keeps its own.
 
 The model, optimizer, sampler and probe windows are branch state too (the checkpoint holds
-them); the batch controller and the fault injector are history (see ``Trainer.restore``).
+them); the batch controller, the fault injector and the episode tracker
+(trainer/episodes.py) are history (see ``Trainer.restore``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class History:
     faults_injected: int = 0
     skipped_steps: int = 0  # updates skip-step did not apply (the data was still used)
     halted: bool = False
+    seq_ramp_origin: int = 0  # training tokens at which the length ramp began (a rewarm moves it)
     positions: dict[int, int] = field(default_factory=dict)  # step -> sampler position before
 
     # --- attempts -------------------------------------------------------------------------

@@ -24,8 +24,10 @@ One optimizer step (``Trainer.step_once``), in order, and where each hook fires 
     evaluate (every eval.every steps)         per-source validation loss, its own flush
     verdicts = runner.detect(values)          host-side detectors: spikes, overflow, ...
     decision = agree(policy(verdicts))        one action, the same on every rank
+    notices = episodes.observe(decision)      one page per instability episode (episodes.py)
     sinks.write_step(values)                  run directory (+ live exporters)
-    apply(decision)                           alert / rollback / LR cooldown / batch / halt
+    announce(notices)                         the episode's alert page / info updates
+    apply(decision)                           rollback / LR cooldown / batch / halt
     checkpoint (every checkpoint.every)       rows flushed; DeepSpeed save; COMPLETE sealed later
 
 Every rank runs the same code; rank 0 alone writes through the sinks. Decisions that all
@@ -59,6 +61,7 @@ from . import engine as eng
 from .batch_control import BatchController, BatchReason
 from .checkpoint import CheckpointDir, Checkpointer
 from .distributed import DistInfo
+from .episodes import EpisodeTracker, Notice, Outcome
 from .faults import FaultInjector
 from .flops import flops_per_token, mfu, peak_flops
 from .history import Branch, History
@@ -66,7 +69,7 @@ from .policy import Action, Decision, Policy, agree
 from .progress import Progress
 from .rollback import good_checkpoint, hide_abandoned, plan_rollback
 from .sampler import Sampler
-from .schedule import learning_rate
+from .schedule import SeqRamp, learning_rate
 
 
 @dataclass
@@ -75,6 +78,7 @@ class StepWork:
 
     step: int  # the step being trained (1-based)
     batch_size: int  # global batch, sequences
+    seq_len: int  # this step's context length, tokens (short during a sequence warmup)
     lr: float
     position: int  # the sampler's position before this step's batch
     windows: np.ndarray  # the global batch's window starts
@@ -118,14 +122,21 @@ class Trainer:
         self.skip_gate = eng.skip_gate(engine)  # None unless optim.skip_step.enabled
         self.fp16 = cfg.train.precision == "fp16"
         self.batch = BatchController(cfg.train, info.world)
+        warm = cfg.train.seq_warmup
+        self.seq_ramp = (
+            SeqRamp(warm.start, cfg.model.seq_len, warm.tokens, warm.schedule)
+            if warm.start is not None
+            else SeqRamp.constant(cfg.model.seq_len)
+        )
         self.policy = Policy(cfg.policy)
+        self.episodes = EpisodeTracker(cfg.policy.episode)  # run history, like self.history
         self.faults = FaultInjector(cfg.faults, info.rank, cfg.train.precision)
         self._last_saved_step = -1
         self._warned_disk = False  # the "next checkpoint will not fit" warning is out
         self.verdicts: list[Verdict] = []  # of the last step
         self.decision = Decision(Action.NONE)  # of the last step
         self.b_noise: float | None = None  # latest gradient noise scale, sequences
-        self.flops_per_token = flops_per_token(cfg.model, engine.module.vocab_size)
+        self._flops: dict[int, float] = {}  # per token, by context length
         self.peak = peak_flops(cfg.train.peak_tflops, info.device)
 
     # --- events ---------------------------------------------------------------------------
@@ -170,6 +181,8 @@ class Trainer:
             if stop:
                 status = "interrupted"
                 break
+        if status == "finished":  # an episode still open is summed up with the run
+            self._announce([self.episodes.close(Outcome.UNFINISHED, self.branch.step)])
         if status != "halted" and self._last_saved_step != self.branch.step:
             self.save_checkpoint()  # a halted run keeps its last good checkpoint instead
         self.finish_checkpoints()
@@ -200,8 +213,10 @@ class Trainer:
             self.info.device,
         )
         self._record(self.verdicts)
+        notices = self.episodes.observe(step, self.decision, values)  # what pages
         values.update(self._intervention_values())
         self.sinks.write_step(self.branch.attempt, step, values)
+        self._announce(notices)
         self.apply(self.decision)
         return values, stop
 
@@ -249,7 +264,12 @@ class Trainer:
         eng.set_lr(engine, lr)
         self.runner.begin_step(step)
         windows = self.sampler.next_global_batch(batch_size)
-        return StepWork(step, batch_size, lr, position, windows, started)
+        return StepWork(step, batch_size, self.seq_len_now(), lr, position, windows, started)
+
+    def seq_len_now(self) -> int:
+        """The next step's context length: the length ramp at the tokens trained since it
+        began (the run's start, or a rewarming rollback's checkpoint)."""
+        return self.seq_ramp.length_at(self.branch.tokens - self.history.seq_ramp_origin)
 
     def _change_batch(self, step: int, batch_size: int, why: BatchReason) -> None:
         previous = self.engine.train_batch_size()
@@ -263,7 +283,7 @@ class Trainer:
             previous=previous,
             new=batch_size,
             reason=why,
-            tokens=batch_size * self.cfg.model.seq_len,
+            tokens=batch_size * self.seq_len_now(),
             b_noise=self.b_noise,
         )
 
@@ -277,7 +297,12 @@ class Trainer:
         grad_norm: torch.Tensor | float | None = None
         for micro in range(n_micro):
             tokens = self.sampler.micro_batch(
-                work.windows, micro, info.rank, info.world, cfg.train.micro_batch_size
+                work.windows,
+                micro,
+                info.rank,
+                info.world,
+                cfg.train.micro_batch_size,
+                length=work.seq_len,
             )
             first = work.position + (micro * info.world + info.rank) * cfg.train.micro_batch_size
             tokens = faults.corrupt(tokens, first).to(info.device, non_blocking=True)
@@ -285,7 +310,7 @@ class Trainer:
             # accumulation count changes (batch warmup)
             boundary = micro == n_micro - 1
             engine.set_gradient_accumulation_boundary(boundary)
-            prefix = self._prefix_lengths(work.step, micro, tokens.size(0))
+            prefix = self._prefix_lengths(work.step, micro, tokens.size(0), work.seq_len)
             # loss: what to back-propagate; lm: its cross-entropy; z: the z-loss or None
             loss, lm, z = engine(tokens[:, :-1], tokens[:, 1:], prefix, terms=True)
             if faults.faults:
@@ -332,7 +357,7 @@ class Trainer:
 
     def reduce_and_count(self, work: StepWork) -> torch.Tensor | None:
         """The branch's counters; returns the stop flags reduced with the loss."""
-        branch, seq_len = self.branch, self.cfg.model.seq_len
+        branch, seq_len = self.branch, work.seq_len
         branch.step += 1
         branch.tokens += work.batch_size * seq_len
         sources = self.sampler.sources
@@ -352,8 +377,9 @@ class Trainer:
         runner.add(Sample(catalog.LEARNING_RATE.name, work.lr))
         if work.update_skipped is not None:
             runner.add(Sample(catalog.STEP_SKIPPED.name, work.update_skipped.float()))
-        tokens_per_step = self.engine.train_batch_size() * cfg.model.seq_len
+        tokens_per_step = self.engine.train_batch_size() * work.seq_len
         runner.add(Sample(catalog.BATCH_SIZE_TOKENS.name, tokens_per_step))
+        runner.add(Sample(catalog.SEQ_LEN.name, work.seq_len))
         runner.add(Sample(catalog.STEPS.name, branch.step))
         runner.add(Sample(catalog.TOKENS.name, branch.tokens))
         runner.add(Sample(catalog.ATTEMPT.name, branch.attempt))
@@ -366,7 +392,7 @@ class Trainer:
                 micro_batch_size=cfg.train.micro_batch_size,
                 n_micro=work.n_micro,
                 world=self.info.world,
-                seq_len=cfg.model.seq_len,
+                seq_len=work.seq_len,
                 loss=work.loss,
                 grad_norm=work.grad_norm,
                 lr=work.lr,
@@ -379,16 +405,23 @@ class Trainer:
         then the host-side numbers: duration, throughput, MFU, tokens per source."""
         values, flags = self.runner.flush(control)
         duration = time.perf_counter() - work.started
-        throughput = work.batch_size * self.cfg.model.seq_len / duration
+        throughput = work.batch_size * work.seq_len / duration
         values[catalog.STEP_DURATION.name] = duration
         values[catalog.THROUGHPUT.name] = throughput
-        utilisation = mfu(throughput, self.flops_per_token, self.peak, self.info.world)
+        utilisation = mfu(throughput, self._flops_at(work.seq_len), self.peak, self.info.world)
         if utilisation is not None:
             values[catalog.MFU.name] = utilisation
         for name, count in self.branch.source_tokens.items():
             values[catalog.SOURCE_TOKENS.key(source=name)] = float(count)
         stop = bool(flags[0]) if flags else self.stop_requested
         return values, stop
+
+    def _flops_at(self, seq_len: int) -> float:
+        """Model FLOPs per token at this context length (MFU counts the current one)."""
+        if seq_len not in self._flops:
+            vocab = self.engine.module.vocab_size
+            self._flops[seq_len] = flops_per_token(self.cfg.model, vocab, seq_len=seq_len)
+        return self._flops[seq_len]
 
     def _start_batch_schedule(self) -> None:
         """Put the engine on the schedule's batch for the current position, silently; only
@@ -408,6 +441,25 @@ class Trainer:
                 target=ramp.target,
                 ramp_tokens=ramp.ramp_tokens,
             )
+        length = self.seq_len_now()
+        if self.branch.step == 0 and length != self.seq_ramp.target:
+            self._seq_warmup_event(length, rewarm=False)
+
+    def _seq_warmup_event(self, length: int, rewarm: bool) -> None:
+        seq = self.seq_ramp
+        self.event(
+            EventKind.SEQ_LEN,
+            Severity.INFO,
+            f"sequence warmup{' again after the rollback' if rewarm else ''}: "
+            f"{length} -> {seq.target} tokens over {seq.ramp_tokens:,} training tokens "
+            f"({seq.schedule})",
+            start=length,
+            target=seq.target,
+            ramp_tokens=seq.ramp_tokens,
+            schedule=seq.schedule,
+            rewarm=rewarm,
+            origin_tokens=self.history.seq_ramp_origin,
+        )
 
     # --- records ----------------------------------------------------------------------------
 
@@ -448,15 +500,18 @@ class Trainer:
             catalog.FAULTS_INJECTED.name: float(history.faults_injected),
             catalog.SKIPPED_STEPS.name: float(history.skipped_steps),
             catalog.HALTED.name: float(action == Action.HALT),
+            # observed before the row: a rollback's or halt's episode is paged already
+            catalog.EPISODES.name: float(self.episodes.count),
+            catalog.PAGED_EPISODES.name: float(self.episodes.paged),
         }
 
     # --- interventions --------------------------------------------------------------------
 
     def apply(self, decision: Decision) -> None:
-        """Carry out the step's agreed decision (every rank does the same)."""
+        """Carry out the step's agreed decision (every rank does the same). Its page, if
+        any, is already out (``_announce``), except a rollback's or halt's: their own event
+        is the page, and it ends the episode."""
         action = decision.action
-        if action >= Action.ALERT:
-            self._alert(decision)
         if action == Action.ROLLBACK and self.roll_back(decision) is None:
             decision = Decision(
                 Action.HALT,
@@ -469,33 +524,33 @@ class Trainer:
             action = Action.HALT
         if action == Action.HALT:
             self._halt(decision)
+        elif action == Action.ROLLBACK:  # done: the replayed branch starts afresh
+            self._announce([self.episodes.close(Outcome.ROLLED_BACK)])
         elif action == Action.LR_COOLDOWN:
             self._cool_lr(decision)
         elif action == Action.BATCH_SIZE:
             self.batch.bump(2.0, self.branch.step)
 
-    def _alert(self, decision: Decision) -> None:
-        action = decision.action
-        self.event(
-            EventKind.ALERT,
-            Severity.WARNING if action < Action.ROLLBACK else Severity.CRITICAL,
-            f"{decision.reason} at step {decision.onset}: {decision.message}; "
-            f"action: {action.name.lower()}",
-            action=action.name.lower(),
-            reason=decision.reason,
-            onset=decision.onset,
-        )
+    def _announce(self, notices: list[Notice | None]) -> None:
+        """Write what the episode tracker says: an episode's one ``alert`` page (sent to
+        chat), its info ``episode`` updates and closing summary."""
+        for n in notices:
+            if n is not None:
+                self.event(n.kind, n.severity, n.message, step=n.step, **n.data)
 
     def _halt(self, decision: Decision) -> None:
         self.history.halted = True
         self.event(
             EventKind.HALT,
             Severity.CRITICAL,
-            f"run halted at step {self.branch.step}: {decision.reason}. {decision.advice}",
+            f"run halted at step {self.branch.step}: {decision.reason}. {decision.advice}"
+            f"{self.episodes.mention()}",
             reason=decision.reason,
             advice=decision.advice,
             onset=decision.onset,
+            episode=self.episodes.summary(),  # the halt is the episode's page
         )
+        self._announce([self.episodes.close(Outcome.HALTED)])
 
     def _cool_lr(self, decision: Decision) -> None:
         rb = self.cfg.policy.rollback
@@ -544,26 +599,34 @@ class Trainer:
         self.history.record_rollback(done)
         if plan.batch_factor > 1.0:
             self.batch.bump(plan.batch_factor, done.to_step, reason=BatchReason.ROLLBACK)
+        if self.cfg.policy.rollback.rewarm:  # short contexts first again, from here
+            self.history.seq_ramp_origin = self.branch.tokens
+            if self.skip_gate is not None:  # a shorter context's loss is a new level
+                self.skip_gate.restart()
         self.event(
             EventKind.ROLLBACK,
             Severity.WARNING,
             f"rolled back from step {done.from_step} to checkpoint {done.checkpoint} "
             f"({done.reason} from step {done.onset}); skipped {done.skipped_batches} batches "
-            f"({done.skipped_sequences} sequences); attempt {done.attempt}",
+            f"({done.skipped_sequences} sequences); attempt {done.attempt}"
+            f"{self.episodes.mention()}",
             step=done.from_step,
             **done.to_data(),
+            episode=self.episodes.summary(),  # the rollback is the episode's page
         )
+        if self.cfg.policy.rollback.rewarm:
+            self._seq_warmup_event(self.seq_len_now(), rewarm=True)
         return done
 
     def _prefix_lengths(
-        self, step: int, micro: int, n: int, fixed: bool = False
+        self, step: int, micro: int, n: int, seq_len: int | None = None, fixed: bool = False
     ) -> torch.Tensor | None:
-        """Prefix-LM: a prefix length per sequence, uniform in [1, T - 1], drawn from a
-        generator seeded by (seed, step, micro, rank), so a resumed or rolled-back run
-        draws the same ones; validation uses T // 2 for every sequence."""
+        """Prefix-LM: a prefix length per sequence, uniform in [1, T - 1] for the step's
+        context T, drawn from a generator seeded by (seed, step, micro, rank), so a resumed
+        or rolled-back run draws the same ones; validation uses T // 2 for every sequence."""
         if self.cfg.model.attention.pattern != "prefix":
             return None
-        T = self.cfg.model.seq_len
+        T = seq_len or self.cfg.model.seq_len
         if fixed:
             return torch.full((n,), T // 2, device=self.info.device)
         seed = hash((self.cfg.train.seed, step, micro, self.info.rank)) % 2**63
@@ -621,6 +684,7 @@ class Trainer:
                 "history": self.history.state_dict(),
                 "batch": self.batch.state_dict(),
                 "faults": self.faults.state_dict(),
+                "episodes": self.episodes.state_dict(),
             }
         }
 
@@ -667,8 +731,8 @@ class Trainer:
 
     def restore(self, ckpt: CheckpointDir, resume: bool = False) -> None:
         """Load a checkpoint on every rank: model, optimizer, sampler, probes, the branch.
-        On ``resume`` also the run's history, batch control and faults; a rollback keeps
-        the ones it has."""
+        On ``resume`` also the run's history, batch control, faults and episodes; a
+        rollback keeps the ones it has."""
         assert self.checkpointer is not None
         client = self.checkpointer.load(self.engine, ckpt).get("yoto", {})
         self.branch = Branch(**client.get("branch", client.get("state")))  # state: older
@@ -680,7 +744,8 @@ class Trainer:
             history = client.get("history", client.get("run"))  # run: older checkpoints
             if history is not None:
                 self.history.load_state_dict(history)
-            for part, key in ((self.batch, "batch"), (self.faults, "faults")):
+            parts = ((self.batch, "batch"), (self.faults, "faults"), (self.episodes, "episodes"))
+            for part, key in parts:
                 if key in client:
                     part.load_state_dict(client[key])
             self.history.saw_attempt(self.branch.attempt)

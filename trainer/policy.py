@@ -10,6 +10,13 @@ was not skipped, an alert); the fp16 loss scale at its minimum -> rollback, and 
 advice to use bf16 if it happens again. A rollback asked for when ``max_rollbacks`` were
 already spent within ``window_steps`` becomes a halt.
 
+What pages is not decided per step but per instability episode (trainer/episodes.py,
+``policy.episode``): the steps acted on are grouped, and an episode writes one ``alert``
+event (the chat page) once it is confirmed (alerting verdicts on ``page_after`` steps, a
+critical one, an LR cooldown or batch change); its later verdicts are info ``episode``
+events. A rollback or halt pages by its own event, which carries the episode; a
+``skip_step`` never pages, and a one-step outlier that is quiet afterwards closes unpaged.
+
 The verdicts come from globally reduced values (the loss is averaged over ranks, the grad
 norm is global), so every rank computes the same ones; rank 0's decision is still
 broadcast (``agree``) so a rank-local verdict can never split the job.
@@ -33,7 +40,7 @@ from . import distributed
 class Action(IntEnum):  # ordered by severity: the largest wins
     NONE = 0
     SKIP_STEP = 1  # the outlier's update was not applied (skip-step): an event, no page
-    ALERT = 2
+    ALERT = 2  # pages once per episode, when it is confirmed (trainer/episodes.py)
     LR_COOLDOWN = 3
     BATCH_SIZE = 4
     ROLLBACK = 5

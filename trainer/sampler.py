@@ -145,16 +145,27 @@ class Sampler:
         return windows
 
     def micro_batch(
-        self, windows: np.ndarray, micro: int, rank: int, world: int, micro_size: int
+        self,
+        windows: np.ndarray,
+        micro: int,
+        rank: int,
+        world: int,
+        micro_size: int,
+        length: int | None = None,
     ) -> torch.Tensor:
-        """Tokens (micro_size, seq_len + 1) of this rank's micro-batch ``micro``."""
+        """Tokens (micro_size, length + 1) of this rank's micro-batch ``micro``: each window's
+        first ``length + 1`` tokens (default ``seq_len``; shorter during a sequence-length
+        warmup, which truncates the packed windows and drops the rest of each)."""
         first = (micro * world + rank) * micro_size
         chosen = windows[first : first + micro_size]
         if len(chosen) != micro_size:
             raise ValueError(
                 f"micro-batch {micro} of rank {rank} is outside a global batch of {len(windows)}"
             )
-        rows = self.starts[chosen][:, None] + np.arange(self.seq_len + 1)[None, :]
+        length = self.seq_len if length is None else length
+        if not 0 < length <= self.seq_len:
+            raise ValueError(f"sequence length {length} is outside [1, {self.seq_len}]")
+        rows = self.starts[chosen][:, None] + np.arange(length + 1)[None, :]
         return torch.from_numpy(self.tokens[rows].astype(np.int64))
 
     def sources_of(self, windows: np.ndarray) -> np.ndarray:

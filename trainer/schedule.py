@@ -57,3 +57,42 @@ class BatchRamp:
         exact = first + (self.target - first) * tokens / self.ramp_tokens
         size = int(exact) - int(exact) % self.granularity
         return min(self.target, max(first, size))
+
+
+@dataclass(frozen=True)
+class SeqRamp:
+    """Context length (tokens per training sequence) as a function of the training tokens
+    consumed since the ramp began: from ``start`` to ``target`` (``model.seq_len``) over
+    ``ramp_tokens``, ``linear`` or ``root`` (the square root of the progress: long
+    sequences sooner, as DeepSpeed's ``fixed_root`` curriculum), rounded down to a multiple
+    of ``multiple`` (at least one multiple; ``target`` itself at the end).
+
+    The clock is the same token count the batch ramp reads (one clock for both warmups,
+    where DeepSpeed's two step-based schedules must not be combined): a step's batch and
+    length are both fixed by the tokens before it, and its tokens are batch x length."""
+
+    start: int
+    target: int
+    ramp_tokens: int
+    schedule: str = "linear"  # linear | root
+    multiple: int = 8
+
+    @classmethod
+    def constant(cls, target: int) -> SeqRamp:
+        return cls(target, target, 0)
+
+    @property
+    def first(self) -> int:
+        """The length of the ramp's first step."""
+        return min(self.target, max(self.multiple, self.start - self.start % self.multiple))
+
+    def length_at(self, tokens: int) -> int:
+        """Length of the sequences of a step that begins ``tokens`` into the ramp."""
+        if self.ramp_tokens <= 0 or tokens >= self.ramp_tokens or self.first >= self.target:
+            return self.target
+        progress = max(0, tokens) / self.ramp_tokens
+        if self.schedule == "root":
+            progress = math.sqrt(progress)
+        exact = self.first + (self.target - self.first) * progress
+        length = int(exact) - int(exact) % self.multiple
+        return min(self.target, max(self.first, length))

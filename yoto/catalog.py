@@ -81,7 +81,8 @@ TRAIN_LOSS = _metric(
     "yoto_train_loss",
     "gauge",
     "nats",
-    "Mean cross-entropy of the last optimizer step over the global batch.",
+    "Mean cross-entropy of the last optimizer step over the global batch (shorter contexts "
+    "predict worse: during a sequence warmup read it beside yoto_seq_len).",
 )
 Z_LOSS = _metric(
     "yoto_z_loss",
@@ -120,6 +121,13 @@ BATCH_SIZE_TOKENS = _metric(
     "tokens",
     "Global batch of the last step in tokens, as the DeepSpeed engine used it.",
 )
+SEQ_LEN = _metric(
+    "yoto_seq_len",
+    "gauge",
+    "tokens",
+    "Context length of the last step's training sequences: model.seq_len, or less during "
+    "a sequence-length warmup (train.seq_warmup; again after a rewarming rollback).",
+)
 STEP_DURATION = _metric(
     "yoto_step_duration_seconds",
     "gauge",
@@ -130,14 +138,16 @@ THROUGHPUT = _metric(
     "yoto_throughput_tokens_per_second",
     "gauge",
     "tokens_per_second",
-    "Training tokens per second of the last step, over all ranks.",
+    "Training tokens per second of the last step, over all ranks (at the step's context "
+    "length, yoto_seq_len).",
 )
 MFU = _metric(
     "yoto_mfu_ratio",
     "gauge",
     "ratio",
     "Model FLOPs utilisation of the last step: model FLOP/s over the devices' dense peak "
-    "(trainer/flops.py has the count); absent where no peak is known (CPU).",
+    "(trainer/flops.py has the count, at the step's context length); absent where no peak "
+    "is known (CPU).",
 )
 SOURCE_TOKENS = _metric(
     "yoto_source_tokens_total",
@@ -186,7 +196,8 @@ GRADIENT_NOISE_SCALE = _metric(
     "yoto_gradient_noise_scale_samples",
     "gauge",
     "samples",
-    "B_simple = tr(Sigma)/|G|^2 in sequences (x seq_len for tokens); EMA-smoothed.",
+    "B_simple = tr(Sigma)/|G|^2 in sequences (x yoto_seq_len for tokens; during a sequence "
+    "warmup a sequence holds fewer tokens, so the count in sequences moves); EMA-smoothed.",
 )
 GRADIENT_SQ_NORM_ESTIMATE = _metric(
     "yoto_gradient_noise_grad_sq",
@@ -288,7 +299,8 @@ ATTENTION_LOGIT_MAX = _metric(
     "yoto_attention_logit_max",
     "gauge",
     "",
-    "Largest pre-softmax attention logit in a block (sampled heads and query rows).",
+    "Largest pre-softmax attention logit in a block (sampled heads and query rows); over "
+    "more keys as the context grows in a sequence warmup.",
     labels=("layer",),
     cadence="probe",
 )
@@ -296,7 +308,8 @@ ATTENTION_ENTROPY = _metric(
     "yoto_attention_entropy_nats",
     "gauge",
     "nats",
-    "Mean attention entropy in a block (sampled heads and query rows).",
+    "Mean attention entropy in a block (sampled heads and query rows); at most log of the "
+    "keys attended, so it rises with the context in a sequence warmup.",
     labels=("layer",),
     cadence="probe",
 )
@@ -356,7 +369,10 @@ SPECTRA_SKIPPED = _metric(
     "Spectra analyses skipped because the previous one was still running.",
 )
 
-_section("interventions", "trainer/loop.py, trainer/history.py, trainer/batch_control.py")
+_section(
+    "interventions",
+    "trainer/loop.py, trainer/history.py, trainer/batch_control.py, trainer/episodes.py",
+)
 ROLLBACKS = _metric(
     "yoto_rollbacks_total",
     "counter",
@@ -399,6 +415,21 @@ HALTED = _metric(
     "gauge",
     "",
     "1 once the policy halted the run (rollback budget spent, or nothing to roll back to).",
+)
+EPISODES = _metric(
+    "yoto_instability_episodes_total",
+    "counter",
+    "",
+    "Instability episodes: runs of steps whose verdicts the policy acted on (skip_step or "
+    "more), grouped until policy.episode.quiet_steps quiet steps or a rollback or halt.",
+)
+PAGED_EPISODES = _metric(
+    "yoto_paged_episodes_total",
+    "counter",
+    "",
+    "Episodes that paged: confirmed (verdicts on policy.episode.page_after steps, a "
+    "critical one, an LR cooldown or batch change) or ended by a rollback or halt; one "
+    "page each.",
 )
 
 _section("live path", "dashboards/live/exporter.py, alerts/notifier.py")

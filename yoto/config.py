@@ -153,6 +153,26 @@ class BatchWarmupConfig(Section):
     tokens: int = Field(0, ge=0)
 
 
+class SeqWarmupConfig(Section):
+    """Sequence-length warmup (Li et al., "The Stability-Efficiency Dilemma"; DeepSpeed's
+    sequence-length curriculum): the context grows from ``start`` to ``model.seq_len`` over
+    ``tokens`` training tokens, by truncating the packed windows. The global batch stays
+    the same number of sequences (the batch schedule's), so a short step trains fewer
+    tokens; both warmups read one clock, the training tokens consumed. Validation always
+    uses the full ``model.seq_len``."""
+
+    start: int | None = Field(
+        None,
+        ge=8,
+        description="first context length, tokens (rounded down to a multiple "
+        "of 8); None = no warmup",
+    )
+    tokens: int = Field(0, ge=0, description="training tokens over which it reaches model.seq_len")
+    schedule: Literal["linear", "root"] = Field(
+        "linear", description="linear in tokens, or root: start + (end - start) x sqrt(progress)"
+    )
+
+
 class AdaptiveBatchConfig(Section):
     """Global batch from the gradient noise scale (Pollux/AdaScale style), after warmup:
     target = clamp(k * B_noise) rounded down to micro-batch x ranks."""
@@ -179,6 +199,7 @@ class TrainConfig(Section):
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_warmup: BatchWarmupConfig = Field(default_factory=BatchWarmupConfig)
+    seq_warmup: SeqWarmupConfig = Field(default_factory=SeqWarmupConfig)
     peak_tflops: float | None = Field(
         None,
         gt=0,
@@ -344,13 +365,44 @@ class RollbackConfig(Section):
     )
     lr_cooldown_factor: float = Field(1.0, gt=0, le=1.0, description="LR x this after it")
     lr_cooldown_steps: int = Field(0, ge=0, description="for this many steps (0 = none)")
+    rewarm: bool = Field(
+        False,
+        description="re-run train.seq_warmup's length ramp from the checkpoint a rollback "
+        "goes back to (short contexts first again); needs train.seq_warmup.start",
+    )
     max_rollbacks: int = Field(3, ge=1, description="within window_steps, then halt")
     window_steps: int = Field(1000, ge=1)
 
 
+class EpisodeConfig(Section):
+    """One instability, one page (trainer/episodes.py). The steps whose decision acted on
+    verdicts (any action from skip_step up) are grouped into an *episode*: its onset, the
+    rules that fired, the peak of each series. An episode pages (one ``alert`` event, which
+    goes to chat) at most once, when it is confirmed; its later verdicts are ``episode``
+    events (info, not sent). A rollback or a halt is itself the page: its event carries the
+    episode. An update skip-step absorbed never pages, and a one-step outlier that is quiet
+    afterwards closes unpaged."""
+
+    quiet_steps: int = Field(
+        10,
+        ge=1,
+        description="an episode closes after this many steps without an acted-on verdict "
+        "(then one info event summarises it)",
+    )
+    page_after: int = Field(
+        2,
+        ge=1,
+        description="confirmed, and paged, once verdicts that alert came on this many "
+        "distinct steps (1: at the first); a critical verdict, an LR cooldown or a "
+        "batch-size change confirm it at once",
+    )
+
+
 class PolicyConfig(Section):
     """What to do about each kind of verdict. The most severe action of a step wins and
-    every rank takes it."""
+    every rank takes it. What pages is decided per episode (``episode``): an action of
+    alert or above pages once per instability episode, a rollback or halt by its own
+    event; skip_step never pages."""
 
     enabled: bool = True
     nonfinite: Action = "rollback"
@@ -358,7 +410,7 @@ class PolicyConfig(Section):
     spike: Action = Field(
         "skip_step",
         description="skip_step: an event when optim.skip_step skipped the update, else an "
-        "alert (as when skip-step is off)",
+        "alert (as when skip-step is off), which pages once its episode is confirmed",
     )
     loss_scale_min: Action = Field(
         "rollback", description="then halt (with advice to use bf16) if it happens again"
@@ -367,6 +419,10 @@ class PolicyConfig(Section):
     spectra: Action = "none"
     probe_failure: Action = "none"
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+    episode: EpisodeConfig = Field(
+        default_factory=EpisodeConfig,
+        description="groups verdicts into episodes: one page per episode, not per verdict",
+    )
 
 
 class LiveConfig(Section):
@@ -409,9 +465,18 @@ class NotifyConfig(Section):
     urls_file: str | None = Field(None, description="file with one URL per line")
     min_severity: Literal["info", "warning", "critical"] = "warning"
     exclude_kinds: list[str] = Field(
-        default_factory=lambda: ["checkpoint", "probe", "spike", "overflow", "skip_step"],
-        description="event kinds never sent (a spike is sent as the policy's alert event; "
-        "an update skip-step absorbed is an event, not a page)",
+        default_factory=lambda: [
+            "checkpoint",
+            "probe",
+            "spike",
+            "overflow",
+            "skip_step",
+            "episode",
+        ],
+        description="event kinds never sent. What pages: one alert event per instability "
+        "episode (policy.episode), or the rollback or halt event that ends it; the spike "
+        "verdicts themselves, an update skip-step absorbed and the episode's own updates "
+        "and summary are events, not pages",
     )
     link: str | None = Field(
         None,
@@ -453,6 +518,25 @@ class Config(Section):
         default_factory=dict,
         description="merged last into the generated DeepSpeed config (expert escape hatch)",
     )
+
+    @model_validator(mode="after")
+    def _seq_warmup(self) -> Config:
+        warm, seq_len = self.train.seq_warmup, self.model.seq_len
+        if warm.start is not None and warm.start > seq_len:
+            raise ValueError(
+                f"train.seq_warmup.start={warm.start} must not exceed model.seq_len={seq_len}"
+            )
+        if warm.start is not None and warm.tokens <= 0:
+            raise ValueError(
+                "train.seq_warmup.tokens must be > 0 when train.seq_warmup.start is set "
+                "(the training tokens over which the context reaches model.seq_len)"
+            )
+        if self.policy.rollback.rewarm and warm.start is None:
+            raise ValueError(
+                "policy.rollback.rewarm re-runs train.seq_warmup's ramp after a rollback: "
+                "set train.seq_warmup.start and .tokens, or rewarm=false"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)

@@ -32,12 +32,14 @@ class EventKind(StrEnum):
     LR_COOLDOWN = "lr_cooldown"
     CHECKPOINT = "checkpoint"
     RESUME = "resume"
-    ALERT = "alert"
+    ALERT = "alert"  # the page of an instability episode (one per episode, trainer/episodes.py)
+    EPISODE = "episode"  # an episode's later verdicts and its summary when it closes (info)
     FAULT_INJECTED = "fault_injected"
     HALT = "halt"
     SPECTRA = "spectra"  # a layer's weight spectrum left the healthy band
     PROBE = "probe"  # a probe says something about itself (e.g. a metric it cannot compute)
     SKIP_STEP = "skip_step"  # skip-step did not apply this step's update
+    SEQ_LEN = "seq_len"  # a sequence-length warmup began (at the start, or after a rollback)
     CHAT = "chat"  # chat messages not delivered (written by the notifier, never sent to chat)
 
 

@@ -139,6 +139,7 @@ def _overview() -> Board:
             _ts(value(c.Z_LOSS)),
             _ts(value(c.LEARNING_RATE)),
             _ts(value(c.BATCH_SIZE_TOKENS)),
+            _ts(value(c.SEQ_LEN), title="Context length (sequence warmup)"),
             _ts(value(c.ATTEMPT)),
             _ts(value(c.THROUGHPUT), per_second(c.TOKENS)),
             _ts(value(c.MFU), min=0, max=1),
@@ -181,6 +182,8 @@ def _stability() -> Board:
         "Interventions",
         (
             _bars(events(c.ROLLBACKS)),
+            _bars(events(c.EPISODES)),
+            _bars(events(c.PAGED_EPISODES), title="Paged episodes (one page each)"),
             _bars(events(c.SKIPPED_STEPS)),
             _bars(events(c.SKIPPED_BATCHES)),
             _bars(events(c.BATCH_SIZE_CHANGES)),

@@ -31,6 +31,7 @@ MARKED: dict[EventKind, str] = {
     EventKind.OVERFLOW: "#e377c2",
     EventKind.SKIP_STEP: "#008080",
     EventKind.ALERT: "#e6a100",
+    EventKind.EPISODE: "#c51b7d",  # an episode's update or closing summary
     EventKind.ROLLBACK: "#9467bd",
     EventKind.BATCH_SIZE: "#6f6f6f",
     EventKind.HALT: "#5c0011",

@@ -30,9 +30,21 @@ INFO = series(m.RUN_INFO, "1x200", **RUN)
 # rule -> (series that make it fire, series that keep it quiet, extra labels of the alert,
 #          minutes after which it is evaluated)
 CASES: dict[str, tuple[list[dict], list[dict], dict[str, str], int]] = {
+    "YotoInstabilityEpisode": (
+        [series(m.PAGED_EPISODES, "0 0 1 1"), INFO],
+        [series(m.PAGED_EPISODES, "1x30"), INFO],  # paged long ago only
+        {},
+        3,
+    ),
     "YotoLossSpike": (
         [series(m.LOSS_SPIKES, "0 0 0 1 1"), INFO],
         [series(m.LOSS_SPIKES, "2x5"), INFO],  # old spikes only
+        {},
+        4,
+    ),
+    "YotoGradNormSpike": (
+        [series(m.GRAD_NORM_SPIKES, "0 0 0 1 1"), INFO],
+        [series(m.GRAD_NORM_SPIKES, "2x5"), INFO],  # old spikes only
         {},
         4,
     ),
@@ -179,3 +191,39 @@ def test_deploy_files_pass_promtool_and_amtool() -> None:
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        # a raw spike is shown in Prometheus and Grafana, never sent: no page for an outlier
+        (["severity=info", "alertname=YotoLossSpike"], alertmanager.SILENT),
+        (["severity=info", "alertname=YotoGradNormSpike"], alertmanager.SILENT),
+        # the episode is what pages
+        (["severity=warning", "alertname=YotoInstabilityEpisode"], "training-chat"),
+        (["severity=critical", "alertname=YotoRunHalted"], "training-chat"),
+    ],
+)
+def test_info_alerts_reach_no_chat_and_episodes_do(labels: list[str], receiver: str) -> None:
+    amtool = require_binary("amtool")
+    config = ROOT / alertmanager.CONFIG_FILE
+    out = subprocess.run(
+        [amtool, "config", "routes", "test", f"--config.file={config}", *labels],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split() == [receiver]
+    silent = next(
+        r
+        for r in alertmanager.build_config(alertmanager.deploy_channels())["receivers"]
+        if r["name"] == alertmanager.SILENT
+    )
+    assert silent == {"name": alertmanager.SILENT}  # no notification configs at all
+
+
+def test_the_spike_rules_are_info_and_the_episode_rule_pages() -> None:
+    by_name = {r.alert: r for r in rules.build_rules()}
+    assert by_name["YotoLossSpike"].severity == by_name["YotoGradNormSpike"].severity == "info"
+    assert by_name["YotoInstabilityEpisode"].severity == "warning"
+    assert by_name["YotoInstabilityEpisode"].metrics[0] == m.PAGED_EPISODES

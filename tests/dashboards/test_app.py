@@ -84,7 +84,8 @@ def test_timeline_marks_the_rollback_fault_and_spike(visited: dict, explorer_run
     [events] = page["frames"]
     rollback = events[events.kind == "rollback"]
     assert len(rollback) == 1 and rollback.attempt.iloc[0] == 1
-    assert {"fault_injected", "spike", "alert", "batch_size"} <= set(events.kind)
+    # the rollback is the episode's page; the episode's summary closes it
+    assert {"fault_injected", "spike", "episode", "batch_size"} <= set(events.kind)
     # the markers travel with the charts, not only in the table
     loss_chart = page["charts"][0]
     kinds = set()
@@ -246,3 +247,31 @@ def test_every_page_file_is_registered_and_tested() -> None:
     assert views == set(PAGES)
     for page in views:
         assert f'"{page}.py"' in app_text, f"views/{page}.py is not in app.py's PAGES"
+
+
+def test_timeline_draws_the_context_length_when_it_changed(
+    explorer_run: Path, tmp_path: Path, yoto_runs
+) -> None:
+    """A sequence warmup's lengths, as recorded, in a third chart under loss and grad
+    norm; a run at one length (the explorer's) has only the two."""
+    from tests.helpers import FAST, train_in_process
+
+    sets = [
+        "train.steps=10",
+        "train.seq_warmup.start=16",
+        "train.seq_warmup.tokens=6000",
+        "probes.spectra.enabled=false",
+    ]
+    run = train_in_process(tmp_path, *[a for s in (*FAST, *sets) for a in ("--set", s)])
+    recorded = runstore.read_metrics(run).to_pydict()
+    want = dict(zip(recorded["step"], recorded[catalog.SEQ_LEN.name], strict=True))
+    assert len(set(want.values())) >= 3
+    yoto_runs(run.parent)
+    at = visit(app(), "timeline")
+    assert problems(at) == []
+    charts = [c.proto for c in at.get("vega_lite_chart")]
+    drawn = _drawn_series(charts[2])
+    assert {int(x): v for x, v in zip(drawn.x, drawn.value, strict=True)} == want
+    yoto_runs(explorer_run.parent)
+    at = visit(app(), "timeline")
+    assert len([c for c in at.get("vega_lite_chart")]) == 2

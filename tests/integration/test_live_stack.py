@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,11 +116,15 @@ def test_fault_to_prometheus_alertmanager_and_chat(tmp_path: Path) -> None:
     alert_names = {
         a["labels"]["alertname"] for _, body in am_receiver.received for a in body["alerts"]
     }
-    assert alert_names & {"YotoLossSpike", "YotoRollback"}, alert_names
+    assert alert_names & {"YotoInstabilityEpisode", "YotoRollback"}, alert_names
+    # the raw spike rules are info: shown in Prometheus, routed to no chat
+    assert not alert_names & {"YotoLossSpike", "YotoGradNormSpike"}, alert_names
     first_alert = am_receiver.received[0][1]["alerts"][0]
     assert first_alert["labels"]["run"] == run.name  # joined from yoto_run_info
     chat_text = "\n".join(b["title"] + "\n" + b["message"] for _, b in chat_receiver.received)
-    assert run.name in chat_text and "what yoto did: action: rollback" in chat_text
+    # the rollback is the episode's page, and names it
+    assert run.name in chat_text and "what yoto did: rolled back to step" in chat_text
+    assert re.search(r"episode \d+ from step", chat_text), chat_text
     assert f"var-run={run.name}" in chat_text
     manifest = runstore.read_manifest(run)
     assert manifest["metrics_url"] == f"http://127.0.0.1:{port}/metrics"
@@ -141,7 +146,7 @@ def check_expressions(prom: servers.Prometheus, start: float, end: float) -> Non
         prom.query_range(rule.expr, start, end)  # valid
     firing = prom.query_range('ALERTS{alertstate="firing"}', start, end + 5)
     fired = {series["metric"]["alertname"] for series in firing}
-    assert {"YotoLossSpike", "YotoRollback"} <= fired, fired
+    assert {"YotoLossSpike", "YotoRollback", "YotoInstabilityEpisode"} <= fired, fired
     assert not fired & {"YotoRunHalted", "YotoMetricsAbsent", "YotoLossScaleAtMinimum"}, fired
     from yoto.dashboards.live import grafana
 

@@ -39,6 +39,10 @@ def events_of(run: Path, kind: str) -> list[dict]:
     return [e for e in runstore.read_events(run) if e["kind"] == kind]
 
 
+def t_last(run: Path, column: str) -> float:
+    return runstore.read_metrics(run).to_pydict()[column][-1]
+
+
 @pytest.mark.parametrize(
     ("fault", "extra"),
     [
@@ -88,6 +92,19 @@ def test_fault_is_detected_rolled_back_and_recovered(tmp_path: Path, fault: str,
     [rb] = events_of(run, "rollback")
     data = rb["data"]
     assert data["to_step"] <= data["onset"] - 20 and data["attempt"] == 1
+    # one instability, one page: the rollback is the page of the fault's episode and
+    # carries it; no episode wrote more than one alert (none beside the rollback)
+    episode = data["episode"]
+    assert episode["onset"] <= data["onset"] and episode["rules"] and episode["paged"]
+    assert f"episode {episode['number']} from step" in rb["message"]
+    alerts = events_of(run, "alert")
+    per_episode = [a["data"]["episode"]["number"] for a in alerts]
+    assert len(per_episode) == len(set(per_episode)), per_episode
+    assert not any(a["data"]["action"] in ("rollback", "halt") for a in alerts)
+    closed = [e for e in events_of(run, "episode") if e["data"]["stage"] == "closed"]
+    outcomes = {e["data"]["episode"]["number"]: e["data"]["outcome"] for e in closed}
+    assert outcomes[episode["number"]] == "rolled_back"
+    assert t_last(run, catalog.PAGED_EPISODES.name) >= 1
     # the skipped window: from the checkpoint's data position past the onset plus margin
     assert data["sampler_position_resume"] == data["onset_position"] + 50 * 16
     assert (
@@ -115,7 +132,7 @@ def test_fault_is_detected_rolled_back_and_recovered(tmp_path: Path, fault: str,
     assert t[catalog.ROLLBACKS.name][-1] == 1 and t[catalog.ATTEMPT.name][-1] == 1
 
 
-def test_rollback_budget_ends_in_halt_with_status_event_and_alert(tmp_path: Path) -> None:
+def test_rollback_budget_ends_in_halt_with_status_event_and_page(tmp_path: Path) -> None:
     args = []
     for item in (*FAST, *CADENCE, "policy.rollback.max_rollbacks=1"):
         args += ["--set", item]
@@ -126,9 +143,18 @@ def test_rollback_budget_ends_in_halt_with_status_event_and_alert(tmp_path: Path
     assert manifest["status"] == "halted"
     [halt] = events_of(run, "halt")
     assert halt["data"]["reason"] == "rollback_budget" and halt["severity"] == "critical"
-    alerts = events_of(run, "alert")
-    assert any(a["data"]["action"] == "halt" for a in alerts)
-    assert len(events_of(run, "rollback")) == 1
+    # the halt is its episode's page (no alert event beside it) and carries the episode,
+    # the second one: the rollback ended the first
+    [rollback] = events_of(run, "rollback")
+    first, last = rollback["data"]["episode"]["number"], halt["data"]["episode"]["number"]
+    assert last > first and f"episode {last} from step" in halt["message"]
+    assert not [a for a in events_of(run, "alert") if a["data"]["action"] == "halt"]
+    outcomes = {
+        e["data"]["episode"]["number"]: e["data"]["outcome"]
+        for e in events_of(run, "episode")
+        if "outcome" in e["data"]
+    }
+    assert (outcomes[first], outcomes[last]) == ("rolled_back", "halted")
     ckpts = runstore.list_checkpoints(run / "checkpoints")
     assert ckpts and all(c.complete for c in ckpts)
     assert max(c.step for c in ckpts) < 100  # the halted state itself was not saved
@@ -152,7 +178,7 @@ def test_clean_thousand_step_run_makes_no_intervention(tmp_path: Path) -> None:
     run = train_in_process(tmp_path, *args)
     events = runstore.read_events(run)
     kinds = {e["kind"] for e in events}
-    assert not kinds & {"rollback", "halt", "lr_cooldown", "spike", "alert"}, kinds
+    assert not kinds & {"rollback", "halt", "lr_cooldown", "spike", "alert", "episode"}, kinds
     # skip-step at its defaults (6 sigma over 128 steps) leaves out a rare grad-norm outlier
     # of a clean run (1 of 1,000 here: step 355, norm 2.07, loss unremarkable): at most a
     # few, never a page

@@ -25,6 +25,23 @@ SKIP = ["optim.skip_step.enabled=true", "optim.skip_step.window=16"]
 FAULT_STEP = 30
 
 
+def test_a_skipped_first_step_with_infinite_grads_changes_nothing() -> None:
+    """The update is one addcdiv over (sqrt(v) + eps) / step: with v = 0 and step = 0 it
+    must still be an exact zero, not 0 / 0."""
+    params = [torch.zeros(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+    gate = SkipGate(SkipStepConfig(enabled=True, window=8), CPU)
+    opt = SkipStepAdamW([{"params": params, "weight_decay": 0.1}], gate, lr=1e-3)
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    gate.begin(torch.tensor(float("nan")), torch.tensor(float("inf")))
+    opt.step()
+    assert gate.end()
+    assert torch.equal(params[0], torch.zeros(3)) and torch.equal(params[1], torch.ones(2))
+    for p in params:
+        state = opt.state[p]
+        assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
 def test_skip_step_adamw_is_adamw_until_it_skips_and_then_changes_nothing() -> None:
     torch.manual_seed(0)
     shapes = [(7, 5), (5,), (3, 4, 2)]

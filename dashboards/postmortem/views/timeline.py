@@ -1,4 +1,5 @@
-"""Timeline: loss and grad norm with every event marked, each attempt in its own colour.
+"""Timeline: loss and grad norm with every event marked, each attempt in its own colour;
+below them the context length when it changed (a sequence warmup, a rewarming rollback).
 
 A run with a rollback opens on its first incident: the steps from the checkpoint the run
 went back to until just past the rollback, so the spike that caused it and the abandoned
@@ -12,7 +13,7 @@ import streamlit as st
 from yoto import catalog
 from yoto.dashboards.postmortem import charts, data, downsample, incidents, ui
 
-LOSS, GNORM = catalog.TRAIN_LOSS.name, catalog.GRAD_NORM.name
+LOSS, GNORM, SEQ = catalog.TRAIN_LOSS.name, catalog.GRAD_NORM.name, catalog.SEQ_LEN.name
 WHOLE_RUN = "whole run"
 BRANCHES = (charts.SURVIVING, charts.ABANDONED)
 
@@ -39,7 +40,7 @@ def render(run: Path) -> None:
     fp = ui.fp(run)
     events = data.cached_events(str(run), fp)
     window = pick_view(events)
-    got = data.cached_series(str(run), fp, (LOSS, GNORM), "step", BRANCHES, window)
+    got = data.cached_series(str(run), fp, (LOSS, GNORM, SEQ), "step", BRANCHES, window)
     if got is None or got[0].empty:
         ui.no_data("metrics")
     else:
@@ -47,10 +48,10 @@ def render(run: Path) -> None:
         ui.damaged_note(damaged)
         marks = charts.markers(events)
         log = st.toggle("log scale", value=False, key="timeline_log")
-        for key, pick in ((LOSS, "loss_event"), (GNORM, "gnorm_event")):
+        for key, pick in ((LOSS, "loss_event"), (GNORM, "gnorm_event"), (SEQ, "seq_event")):
             part = frame[frame.series == key]
-            if part.empty:
-                continue
+            if part.empty or (key == SEQ and part.value.nunique() < 2):
+                continue  # a constant context length needs no chart
             chart = charts.timeline(
                 part,
                 marks,
