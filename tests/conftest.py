@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import train_in_process
+from yoto.cli import share_cpus_gracefully
+
+share_cpus_gracefully()  # as `yoto` does, before anything loads torch (in-process runs)
+
+from tests.helpers import train_in_process  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +96,31 @@ def run_benchmark(script: str, *args: str) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__")
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: Counter) -> Iterator[None]:
+    """Count reads of tensor values on the host (.item(), float(t), .cpu(), ...) into
+    ``counts`` by method: on the CPU the stand-in for device-to-host synchronisations
+    (benchmarks/_common.py counts the same ones)."""
+    import torch
+
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def wrap(name, fn):
+        def counted(self, *args, **kwargs):
+            counts[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)

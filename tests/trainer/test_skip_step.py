@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, make_trainer, subprocess_env, torchrun
+from tests.helpers import ROOT, counting_host_reads, make_trainer, subprocess_env, torchrun
 from yoto import catalog, runstore
 from yoto.config import SkipStepConfig
 from yoto.events import Reason, Severity
@@ -169,28 +169,12 @@ def test_a_bad_batch_is_skipped_bit_exactly_at_every_zero_stage(tmp_path: Path, 
 
 
 def count_reads(trainer, steps: int) -> list[int]:
-    """Host reads of tensor values per step (the Tensor methods that copy to the host)."""
-    names = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__")
-    originals = {n: getattr(torch.Tensor, n) for n in names}
-    counts: Counter = Counter()
-
-    def counting(name):
-        def read(self, *a, **k):
-            counts[name] += 1
-            return originals[name](self, *a, **k)
-
-        return read
-
+    """Host reads of tensor values in each of ``steps`` training steps."""
     per_step = []
     for _ in range(steps):
-        counts.clear()
-        for n in names:
-            setattr(torch.Tensor, n, counting(n))
-        try:
+        counts: Counter = Counter()
+        with counting_host_reads(counts):
             trainer.train_step()
-        finally:
-            for n, f in originals.items():
-                setattr(torch.Tensor, n, f)
         per_step.append(sum(counts.values()))
     return per_step
 

@@ -7,17 +7,23 @@ GOMP_SPINCOUNT=10000 on a shared CPU, as ``yoto train`` does before torch loads)
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import FAST, make_trainer, only_run, subprocess_env, torchrun, train_in_process
+from tests.helpers import (
+    FAST,
+    counting_host_reads,
+    make_trainer,
+    only_run,
+    subprocess_env,
+    torchrun,
+    train_in_process,
+)
 from yoto import catalog, runstore
 from yoto.config import AttentionConfig, ModelConfig
 from yoto.trainer.model import GPT, LossTerms
@@ -121,29 +127,6 @@ def test_z_loss_off_is_the_cross_entropy_bit_for_bit() -> None:
     loss, lm, z = off(idx, tgt, terms=True)
     assert torch.equal(loss, ref) and torch.equal(lm, ref) and z is None
     assert not lm.requires_grad
-
-
-@contextlib.contextmanager
-def counting_host_reads(counts: Counter) -> Iterator[None]:
-    """Count reads of tensor values on the host (.item(), float(t), .cpu(), ...): on the
-    CPU the stand-in for device-to-host synchronisations (benchmarks/_common.py)."""
-    names = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-
-    def wrap(name, fn):
-        def counted(self, *args, **kwargs):
-            counts[name] += 1
-            return fn(self, *args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def test_z_loss_rides_the_steps_one_transfer_and_validation_stays_the_cross_entropy(

@@ -103,7 +103,9 @@ def events_table(events) -> None:
         return
     kinds = sorted(events.kind.unique())
     default = [k for k in kinds if k in charts.MARKED] or kinds
-    show = st.multiselect("kinds", kinds, default=default, key="timeline_kinds")
+    # keyed on the kinds present: a kind that first appears in a live run (its first
+    # alert, say) is shown on the next rerun instead of being left out of a kept choice
+    show = st.multiselect("kinds", kinds, default=default, key=f"timeline_kinds:{','.join(kinds)}")
     view = events[events.kind.isin(show)]
     state = st.dataframe(
         view.drop(columns=["data"]),
