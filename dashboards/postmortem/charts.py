@@ -21,6 +21,7 @@ PLAIN = {
     catalog.ACTIVATION_ABSMAX.name: "activation |max|",
     catalog.ACTIVATION_RMS.name: "activation RMS",
     catalog.WEIGHT_ALPHA.name: "power-law alpha",
+    catalog.SEQ_LEN.name: "context length",
 }
 # The event kinds the charts mark, in lane order, each with its colour: the one list
 # (the Timeline's markers, its events table's default filter, the markers' budget).

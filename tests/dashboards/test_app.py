@@ -272,6 +272,17 @@ def test_timeline_draws_the_context_length_when_it_changed(
     charts = [c.proto for c in at.get("vega_lite_chart")]
     drawn = _drawn_series(charts[2])
     assert {int(x): v for x, v in zip(drawn.x, drawn.value, strict=True)} == want
+    # the noise page puts B_noise in tokens with each step's own length
+    at = visit(app(), "noise")
+    assert problems(at) == []
+    tables = [t.to_pandas() for t in wire.datasets(at.get("vega_lite_chart")[0].proto)]
+    drawn = pd.concat([t for t in tables if "series" in t.columns], ignore_index=True)
+    drawn = drawn[drawn.series == "B_noise (critical batch)"]
+    gns, lengths = recorded[catalog.GRADIENT_NOISE_SCALE.name], recorded[catalog.SEQ_LEN.name]
+    tokens = recorded[catalog.TOKENS.name]
+    expect = {int(x): b * n for x, b, n in zip(tokens, gns, lengths, strict=True) if b is not None}
+    assert len(expect) >= 3 and len(set(recorded[catalog.SEQ_LEN.name])) >= 3
+    assert {int(x): v for x, v in zip(drawn.x, drawn.value, strict=True)} == pytest.approx(expect)
     yoto_runs(explorer_run.parent)
     at = visit(app(), "timeline")
     assert len([c for c in at.get("vega_lite_chart")]) == 2
