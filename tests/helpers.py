@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -98,29 +100,19 @@ def run_benchmark(script: str, *args: str) -> str:
     return proc.stdout
 
 
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__")
+@functools.cache
+def _benchmarks_common() -> ModuleType:
+    """benchmarks/_common.py (the benchmarks import it by file name, as scripts)."""
+    path = ROOT / "benchmarks" / "_common.py"
+    spec = importlib.util.spec_from_file_location("yoto_benchmarks_common", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@contextlib.contextmanager
-def counting_host_reads(counts: Counter) -> Iterator[None]:
+def counting_host_reads(counts: Counter) -> contextlib.AbstractContextManager[None]:
     """Count reads of tensor values on the host (.item(), float(t), .cpu(), ...) into
-    ``counts`` by method: on the CPU the stand-in for device-to-host synchronisations
-    (benchmarks/_common.py counts the same ones)."""
-    import torch
-
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(name, fn):
-        def counted(self, *args, **kwargs):
-            counts[name] += 1
-            return fn(self, *args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
+    ``counts`` by method: the benchmarks' own counter (benchmarks/_common.py), so tests
+    and benchmarks count the same reads."""
+    return _benchmarks_common().counting_host_reads(counts)
