@@ -194,6 +194,8 @@ def test_every_page_in_chromium(
             # the runs table lists the run in the page itself
             page.goto(served)
             page.wait_for_selector(IDLE, timeout=120_000)
+            # the script may be idle a moment before the table is drawn: wait for it
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
             assert page.locator('[data-testid="stDataFrame"]').count() == 1
         finally:
             browser.close()
