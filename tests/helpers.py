@@ -22,6 +22,8 @@ FAST = [
     "eval.batches=1",
     "checkpoint.every=0",
     "log.progress=false",
+    # a rollback's replay diagnosis costs two replays; tests about it turn it back on
+    "policy.rollback.diagnose=false",
 ]
 
 

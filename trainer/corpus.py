@@ -47,6 +47,10 @@ class SourceSplit:
     val: np.ndarray
     train_docs: int = 0
     val_docs: int = 0
+    # the training stream's document index (spike forensics, ``yoto data batch``): where
+    # each document starts in ``train`` and its stable id; empty when not known
+    doc_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    doc_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -304,10 +308,10 @@ def _split(name: str, docs: list[Document], val_fraction: float, min_tokens: int
             f"(model.seq_len + 1 each for training and validation)"
         )
     if len(docs) == 1:  # one document: hold out its tail
-        stream = _join(docs)
+        stream, starts = _join(docs)
         cut = min(int(len(stream) * (1 - val_fraction)), len(stream) - min_tokens)
         cut = max(cut, min_tokens)
-        return SourceSplit(name, stream[:cut], stream[cut:], 1, 0)
+        return SourceSplit(name, stream[:cut], stream[cut:], 1, 0, starts, [docs[0].id])
     ordered = sorted(docs, key=_stable_order)
     want = max(min_tokens, int(total * val_fraction))
     val, size = [], 0
@@ -318,18 +322,28 @@ def _split(name: str, docs: list[Document], val_fraction: float, min_tokens: int
         size += len(doc.data) + 1
     val_ids = {d.id for d in val}
     train = [d for d in docs if d.id not in val_ids]  # training keeps the corpus order
-    train_stream, val_stream = _join(train), _join(val)
+    (train_stream, train_starts), (val_stream, _) = _join(train), _join(val)
     if len(val_stream) < min_tokens or len(train_stream) < min_tokens:
-        stream = _join(docs)  # documents too uneven to split whole; fall back to the tail
+        # documents too uneven to split whole; fall back to the tail
+        stream, starts = _join(docs)
         cut = len(stream) - max(want, min_tokens)
-        return SourceSplit(name, stream[:cut], stream[cut:], len(docs), 0)
-    return SourceSplit(name, train_stream, val_stream, len(train), len(val))
+        kept = int(np.searchsorted(starts, cut, side="left"))  # documents starting before it
+        return SourceSplit(
+            name, stream[:cut], stream[cut:], len(docs), 0, starts[:kept], [d.id for d in docs][:kept]
+        )
+    return SourceSplit(
+        name, train_stream, val_stream, len(train), len(val), train_starts, [d.id for d in train]
+    )
 
 
-def _join(docs: list[Document]) -> np.ndarray:
+def _join(docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' tokens joined, each followed by EOS, and where each one starts."""
     parts = []
     eos = np.array([tokenizer.EOS], dtype=tokenizer.TOKEN_DTYPE)
     for doc in docs:
         parts.append(tokenizer.encode(doc.data))
         parts.append(eos)
-    return np.concatenate(parts) if parts else np.empty(0, dtype=tokenizer.TOKEN_DTYPE)
+    lengths = np.array([len(p) + 1 for p in parts[::2]], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(docs) else lengths
+    stream = np.concatenate(parts) if parts else np.empty(0, dtype=tokenizer.TOKEN_DTYPE)
+    return stream, starts.astype(np.int64)

@@ -172,6 +172,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (pickled: off the hot path only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (no host transfer)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -3,17 +3,25 @@
 | kind | what happens at STEP | options (default) |
 |---|---|---|
 | ``lr_spike`` | LR x factor for a few steps | factor (100), steps (3) |
-| ``bad_batch`` | the next batches of data are random bytes (a corrupt shard) | steps (8), rank |
+| ``bad_batch`` | the next batches of data are random bytes (a corrupt shard) | steps (8), sequences (0: all), rank |
 | ``nan_grad`` | one parameter's gradient becomes NaN | rank |
 | ``weight_blowup`` | one block's weights are multiplied by factor | factor (30), layer (0) |
 | ``fp16_overflow`` | the loss is scaled past fp16's range (fp16 engines only) | steps (3), rank |
+| ``flaky`` | loss and gradient x factor in the first pass only, never in a replay (a flaky GPU) | factor (10), steps (1), rank |
 
 A fault fires once, the first time its step is reached, and is recorded as a
 ``fault_injected`` event, so detection delay is the gap to the first verdict. It stays
 fired after a rollback (the injector's state is the run's, not the checkpoint's): a
 rolled-back run does not meet it again, as a real transient fault would not recur. A bad
-batch is tied to the data position it replaced, which the rollback skips past.
-``rank=N`` confines a fault to one data-parallel rank (the others stay clean).
+batch is tied to the data position it replaced, which the rollback skips past; with
+``sequences=K`` only K sequences of each bad batch (a seeded choice) are replaced, the
+rest stay real data. ``rank=N`` confines a fault to one data-parallel rank (the others stay
+clean).
+
+Replay diagnosis (trainer/diagnose.py) re-runs steps from a checkpoint: there a bad batch
+is bad again (the data are), an LR spike is repeated (the recorded LR is replayed), but
+nothing that acts "this step" fires again: ``flaky``, ``nan_grad``, ``weight_blowup`` and
+``fp16_overflow`` belong to the first pass, as a hardware fault would.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 import torch
 
 from yoto.errors import ConfigError
@@ -34,14 +43,16 @@ class FaultKind(StrEnum):
     NAN_GRAD = "nan_grad"
     WEIGHT_BLOWUP = "weight_blowup"
     FP16_OVERFLOW = "fp16_overflow"
+    FLAKY = "flaky"  # test-only nondeterminism: the first pass is wrong, a replay is not
 
 
 KINDS = {  # kind -> its options and their defaults
     FaultKind.LR_SPIKE: {"factor": 100.0, "steps": 3},
-    FaultKind.BAD_BATCH: {"steps": 8},
+    FaultKind.BAD_BATCH: {"steps": 8, "sequences": 0},
     FaultKind.NAN_GRAD: {},
     FaultKind.WEIGHT_BLOWUP: {"factor": 30.0, "layer": 0},
     FaultKind.FP16_OVERFLOW: {"steps": 3},
+    FaultKind.FLAKY: {"factor": 10.0, "steps": 1},
 }
 _SPEC = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<opts>.*))?$")
 
@@ -54,6 +65,7 @@ class Fault:
     factor: float = 1.0
     steps: int = 1
     layer: int = 0
+    sequences: int = 0  # bad_batch: sequences replaced per batch (0: all)
 
     @property
     def spec(self) -> str:
@@ -101,12 +113,13 @@ class FaultInjector:
                 )
         self.rank = rank
         self.fired: set[str] = set()
-        self.bad_positions: list[tuple[int, int]] = []  # sampler position ranges
+        # bad data: (first, end) sampler positions, sequences per batch, replaced per batch
+        self.bad_positions: list[tuple[int, int, int, int]] = []
         self.windows: dict[str, tuple[int, int]] = {}  # spec -> steps it acts on, this branch
         self._active: list[Fault] = []  # acting this step
 
-    def _mine(self, fault: Fault) -> bool:
-        return fault.rank is None or fault.rank == self.rank
+    def _mine(self, fault: Fault, rank: int | None = None) -> bool:
+        return fault.rank is None or fault.rank == (self.rank if rank is None else rank)
 
     def begin_step(
         self, step: int, model: torch.nn.Module, position: int, batch: int
@@ -120,7 +133,8 @@ class FaultInjector:
             self.windows[fault.spec] = (step, step + max(1, fault.steps))
             fired.append(fault)
             if fault.kind == FaultKind.BAD_BATCH:
-                self.bad_positions.append((position, position + fault.steps * batch))
+                end = position + fault.steps * batch
+                self.bad_positions.append((position, end, batch, fault.sequences))
             elif fault.kind == FaultKind.WEIGHT_BLOWUP:  # every rank: replicas must stay equal
                 with torch.no_grad():
                     for p in model.blocks[fault.layer].parameters():
@@ -146,21 +160,53 @@ class FaultInjector:
                 factor *= fault.factor
         return factor
 
-    def corrupt(self, tokens: torch.Tensor, first_position: int) -> torch.Tensor:
-        """Random bytes in place of a micro-batch whose data lie in a bad range."""
-        if not any(lo <= first_position < hi for lo, hi in self.bad_positions):
+    def corrupted(self, position: int, count: int) -> list[int]:
+        """The sampler positions in [position, position + count) whose data are replaced."""
+        out = []
+        for lo, hi, batch, sequences in self.bad_positions:
+            for p in range(max(lo, position), min(hi, position + count)):
+                if sequences == 0:
+                    out.append(p)
+                    continue
+                start = lo + (p - lo) // batch * batch  # the bad batch p belongs to
+                chosen = np.random.default_rng([start, 7]).permutation(batch)[:sequences]
+                if p - start in chosen:
+                    out.append(p)
+        return sorted(set(out))
+
+    def corrupt(
+        self, tokens: torch.Tensor, first_position: int, rank: int | None = None
+    ) -> torch.Tensor:
+        """Random bytes in place of the sequences of a micro-batch (its first at sampler
+        position ``first_position``) whose data lie in a bad range; as ``rank`` (default
+        this one) would have them."""
+        if not self.bad_positions or not any(
+            f.kind == FaultKind.BAD_BATCH and self._mine(f, rank) for f in self.faults
+        ):
             return tokens
-        if not any(f.kind == FaultKind.BAD_BATCH and self._mine(f) for f in self.faults):
+        if all(sequences == 0 for *_, sequences in self.bad_positions):  # whole batches
+            if not any(lo <= first_position < hi for lo, hi, _, _ in self.bad_positions):
+                return tokens
+            gen = torch.Generator().manual_seed(first_position)
+            return torch.randint(0, 256, tokens.shape, generator=gen, dtype=tokens.dtype)
+        bad = self.corrupted(first_position, len(tokens))
+        if not bad:
             return tokens
-        gen = torch.Generator().manual_seed(first_position)
-        return torch.randint(0, 256, tokens.shape, generator=gen, dtype=tokens.dtype)
+        tokens = tokens.clone()
+        for p in bad:  # each replaced sequence its own random bytes
+            gen = torch.Generator().manual_seed(p)
+            row = torch.randint(0, 256, tokens.shape[1:], generator=gen, dtype=tokens.dtype)
+            tokens[p - first_position] = row
+        return tokens
 
     def loss_factor(self) -> float:
-        return (
-            float("inf")
-            if any(f.kind == FaultKind.FP16_OVERFLOW and self._mine(f) for f in self._active)
-            else 1.0
-        )
+        factor = 1.0
+        for f in self._active:
+            if self._mine(f) and f.kind == FaultKind.FP16_OVERFLOW:
+                factor = float("inf")
+            elif self._mine(f) and f.kind == FaultKind.FLAKY:
+                factor *= f.factor
+        return factor
 
     def poison_grads(self, model: torch.nn.Module) -> Any:
         """For nan_grad: a one-shot hook on one weight; returns its handle (or None)."""
@@ -179,5 +225,6 @@ class FaultInjector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fired = set(state["fired"])
-        self.bad_positions = [tuple(r) for r in state["bad_positions"]]
+        # older checkpoints: (first, end) ranges, whole batches
+        self.bad_positions = [(*r, 1, 0) if len(r) == 2 else tuple(r) for r in state["bad_positions"]]
         self.windows = {k: tuple(v) for k, v in state.get("windows", {}).items()}

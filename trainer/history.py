@@ -28,6 +28,21 @@ from yoto.probes.base import Verdict
 _UNHEALTHY = {EventKind.SPIKE, EventKind.OVERFLOW}
 _POSITIONS_KEPT = 100_000
 _UNHEALTHY_KEPT = 10_000
+_TRACES_KEPT = 4096  # steps back a replay diagnosis can reach (and forensics look)
+
+
+@dataclass(frozen=True, slots=True)
+class StepTrace:
+    """One step of the current branch as it was trained and measured: enough to replay it
+    exactly and to compare the replay (trainer/diagnose.py)."""
+
+    position: int  # the sampler's position before the step
+    batch: int  # sequences
+    seq_len: int
+    lr: float
+    loss: float  # the global mean, as recorded
+    grad_norm: float | None
+    rank_losses: tuple[float, ...]  # every rank's own mean loss (rank order)
 
 
 @dataclass
@@ -56,6 +71,8 @@ class History:
     halted: bool = False
     seq_ramp_origin: int = 0  # training tokens at which the length ramp began (a rewarm moves it)
     positions: dict[int, int] = field(default_factory=dict)  # step -> sampler position before
+    # the current branch's recent steps (a replayed step overwrites the abandoned one's)
+    traces: dict[int, StepTrace] = field(default_factory=dict)
 
     # --- attempts -------------------------------------------------------------------------
 
@@ -113,6 +130,12 @@ class History:
         if len(self.positions) > _POSITIONS_KEPT:
             del self.positions[next(iter(self.positions))]
 
+    def record_trace(self, step: int, trace: StepTrace) -> None:
+        self.traces.pop(step, None)  # keep insertion order = training order
+        self.traces[step] = trace
+        while len(self.traces) > _TRACES_KEPT:
+            del self.traces[next(iter(self.traces))]
+
     # --- learning rate --------------------------------------------------------------------
 
     def cool_lr(self, factor: float, until: int) -> None:
@@ -127,6 +150,7 @@ class History:
         state = dict(self.__dict__)
         state["rollbacks"] = [r.to_data() for r in self.rollbacks]
         state["positions"] = {}  # rebuilt from the resumed steps on
+        state["traces"] = {}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -135,3 +159,4 @@ class History:
                 setattr(self, key, value)
         self.rollbacks = [Rollback.from_data(r) for r in state.get("rollbacks", [])]
         self.positions = {}
+        self.traces = {}

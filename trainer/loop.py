@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from yoto import catalog
 from yoto.config import Config
@@ -60,16 +61,18 @@ from . import distributed
 from . import engine as eng
 from .batch_control import BatchController, BatchReason
 from .checkpoint import CheckpointDir, Checkpointer
+from .diagnose import Cause, Diagnoser, Diagnosis, spike_forensics
 from .distributed import DistInfo
 from .episodes import EpisodeTracker, Notice, Outcome
 from .faults import FaultInjector
 from .flops import flops_per_token, mfu, peak_flops
-from .history import Branch, History
+from .history import Branch, History, StepTrace
 from .policy import Action, Decision, Policy, agree
 from .progress import Progress
 from .rollback import good_checkpoint, hide_abandoned, plan_rollback
 from .sampler import Sampler
 from .schedule import SeqRamp, learning_rate
+from .tokenizer import decode
 
 
 @dataclass
@@ -89,6 +92,7 @@ class StepWork:
     grad_norm: torch.Tensor | float | None = None  # global, before clipping; None: skipped
     control: torch.Tensor | None = None  # the stop flags, all-reduced (several ranks only)
     update_skipped: torch.Tensor | None = None  # skip-step's verdict, on device (when on)
+    rank_losses: list[float] = field(default_factory=list)  # every rank's own loss, host
 
 
 class Trainer:
@@ -135,8 +139,11 @@ class Trainer:
         self._warned_disk = False  # the "next checkpoint will not fit" warning is out
         self.verdicts: list[Verdict] = []  # of the last step
         self.decision = Decision(Action.NONE)  # of the last step
+        self.diagnosis: Diagnosis | None = None  # of the last rollback
         self.b_noise: float | None = None  # latest gradient noise scale, sequences
         self._flops: dict[int, float] = {}  # per token, by context length
+        self.replay_deadline: float | None = None  # set while a diagnosis replays steps
+        self._forensics: dict[int, dict[str, Any]] = {}  # onset -> its spike forensics
         self.peak = peak_flops(cfg.train.peak_tflops, info.device)
 
     # --- events ---------------------------------------------------------------------------
@@ -204,7 +211,7 @@ class Trainer:
         skipped = values.get(catalog.STEP_SKIPPED.name) == 1.0
         if skipped:
             self._skipped_update(step, values)
-        self.verdicts = self.runner.detect(step, values)
+        self.verdicts = self._with_forensics(self.runner.detect(step, values))
         self.b_noise = values.get(catalog.GRADIENT_NOISE_SCALE.name, self.b_noise)
         self.history.observe(step, self.verdicts)
         self.decision = agree(
@@ -230,7 +237,20 @@ class Trainer:
         self.forward_backward(work)
         control = self.reduce_and_count(work)
         self.emit_samples(work)
-        return self.flush(work, control)
+        values, stop = self.flush(work, control)
+        self.history.record_trace(
+            work.step,
+            StepTrace(
+                position=work.position,
+                batch=work.batch_size,
+                seq_len=work.seq_len,
+                lr=work.lr,
+                loss=values[catalog.TRAIN_LOSS.name],
+                grad_norm=values.get(catalog.GRAD_NORM.name),
+                rank_losses=tuple(work.rank_losses),
+            ),
+        )
+        return values, stop
 
     def set_batch_and_lr(self, step: int, started: float) -> StepWork:
         """The step's global batch (schedule -> engine), injected faults, its LR, the
@@ -322,9 +342,10 @@ class Trainer:
             loss_sum += lm
             if z is not None:
                 work.z_loss += z / n_micro
-            self.runner.on_micro_step(
-                MicroStepContext(work.step, micro, n_micro, lm, tokens, engine)
-            )
+            if self.replay_deadline is None:  # a diagnosis's replay arms no probe
+                self.runner.on_micro_step(
+                    MicroStepContext(work.step, micro, n_micro, lm, tokens, engine)
+                )
             if boundary and self.own_clipping:
                 grad_norm = eng.clip_own(engine, cfg.optim.grad_clip)
             if boundary:
@@ -344,16 +365,24 @@ class Trainer:
     def _reduce_loss(self, work: StepWork, loss: torch.Tensor) -> None:
         """Mean loss over ranks and the stop flag in one collective (only with several
         ranks; the flags stay on device), before the update: skip-step's test needs the
-        global loss."""
+        global loss. Every rank's own loss rides along (``world`` more floats), for the
+        step's record: a replay diagnosis names the rank whose loss it does not repeat."""
         info = self.info
         work.loss = loss
         if info.world > 1:
-            flags = torch.tensor([1.0 if self.stop_requested else 0.0], device=info.device)
+            flags = torch.tensor([1.0 if self._stopping() else 0.0], device=info.device)
             means = [loss] if work.z_loss is None else [loss, work.z_loss]  # z-loss rides along
-            buf = distributed.all_reduce_sum_(torch.cat([torch.stack(means), flags]))
-            work.loss, work.control = buf[0] / info.world, buf[len(means) :]
+            own = torch.zeros(info.world, device=info.device, dtype=loss.dtype)
+            own[info.rank] = loss.detach()
+            buf = distributed.all_reduce_sum_(torch.cat([torch.stack(means), flags, own]))
+            work.loss, work.control = buf[0] / info.world, buf[len(means) :]  # flag, losses
             if work.z_loss is not None:
                 work.z_loss = buf[1] / info.world
+
+    def _stopping(self) -> bool:
+        """A stop was asked for, or a diagnosis's replay ran past its time budget."""
+        late = self.replay_deadline is not None and time.perf_counter() > self.replay_deadline
+        return self.stop_requested or late
 
     def reduce_and_count(self, work: StepWork) -> torch.Tensor | None:
         """The branch's counters; returns the stop flags reduced with the loss."""
@@ -414,6 +443,7 @@ class Trainer:
         for name, count in self.branch.source_tokens.items():
             values[catalog.SOURCE_TOKENS.key(source=name)] = float(count)
         stop = bool(flags[0]) if flags else self.stop_requested
+        work.rank_losses = flags[1:] if flags else [values[catalog.TRAIN_LOSS.name]]
         return values, stop
 
     def _flops_at(self, seq_len: int) -> float:
@@ -522,6 +552,17 @@ class Trainer:
                 f"{self.cfg.policy.rollback.min_distance} steps",
             )
             action = Action.HALT
+        elif action == Action.ROLLBACK and self._halts_after_diagnosis():
+            diagnosis = self.diagnosis
+            assert diagnosis is not None
+            decision = Decision(
+                Action.HALT,
+                Reason.NONDETERMINISTIC,
+                decision.onset,
+                diagnosis.finding,
+                diagnosis.advice,
+            )
+            action = Action.HALT
         if action == Action.HALT:
             self._halt(decision)
         elif action == Action.ROLLBACK:  # done: the replayed branch starts afresh
@@ -531,12 +572,24 @@ class Trainer:
         elif action == Action.BATCH_SIZE:
             self.batch.bump(2.0, self.branch.step)
 
+    def _halts_after_diagnosis(self) -> bool:
+        d = self.diagnosis
+        return (
+            d is not None
+            and d.cause == Cause.NONDETERMINISTIC
+            and self.cfg.policy.rollback.diagnose.on_nondeterministic == "halt"
+        )
+
     def _announce(self, notices: list[Notice | None]) -> None:
         """Write what the episode tracker says: an episode's one ``alert`` page (sent to
         chat), its info ``episode`` updates and closing summary."""
         for n in notices:
             if n is not None:
-                self.event(n.kind, n.severity, n.message, step=n.step, **n.data)
+                data = dict(n.data)
+                if n.kind == EventKind.ALERT:  # the page names the suspect sequences
+                    episode = data.get("episode") or {}
+                    data.setdefault("forensics", _brief(self.forensics_of(episode.get("onset"))))
+                self.event(n.kind, n.severity, n.message, step=n.step, **data)
 
     def _halt(self, decision: Decision) -> None:
         self.history.halted = True
@@ -587,9 +640,10 @@ class Trainer:
         if plan is None:
             return None
         self.restore(plan.checkpoint)  # model, optimizer, sampler, probes, branch
+        self.faults.rolled_back()  # nothing acts "this step" in a replay or after
+        plan, diagnosis = self._diagnose(plan)  # replays; leaves the checkpoint restored
         checkpoint_position = self.sampler.position
         self.sampler.skip(max(0, plan.skip_to - checkpoint_position))
-        self.faults.rolled_back()
         self.branch.attempt = plan.attempt  # rank 0's history numbered it
         self.history.saw_attempt(plan.attempt)
         if self.info.is_main:
@@ -603,20 +657,160 @@ class Trainer:
             self.history.seq_ramp_origin = self.branch.tokens
             if self.skip_gate is not None:  # a shorter context's loss is a new level
                 self.skip_gate.restart()
+        said = ""
+        if diagnosis is not None:
+            self._diagnosis_event(diagnosis)
+            said = f"; diagnosis: {diagnosis.cause} ({diagnosis.finding})"
+        self.diagnosis = diagnosis
+        forensics = self.forensics_of(done.onset)
         self.event(
             EventKind.ROLLBACK,
             Severity.WARNING,
             f"rolled back from step {done.from_step} to checkpoint {done.checkpoint} "
             f"({done.reason} from step {done.onset}); skipped {done.skipped_batches} batches "
             f"({done.skipped_sequences} sequences); attempt {done.attempt}"
-            f"{self.episodes.mention()}",
+            f"{self.episodes.mention()}{said}",
             step=done.from_step,
             **done.to_data(),
             episode=self.episodes.summary(),  # the rollback is the episode's page
+            diagnosis=diagnosis.summary() if diagnosis is not None else None,
+            forensics=_brief(forensics),
         )
         if self.cfg.policy.rollback.rewarm:
             self._seq_warmup_event(self.seq_len_now(), rewarm=True)
         return done
+
+    # --- diagnosis (trainer/diagnose.py) -------------------------------------------------
+
+    def _with_forensics(self, verdicts: list[Verdict]) -> list[Verdict]:
+        """Spike verdicts carry the forensics of their onset step's batch (computed once
+        per onset, on every rank: the verdicts are the same everywhere)."""
+        if not self.cfg.policy.forensics.enabled:
+            return verdicts
+        out = []
+        for v in verdicts:
+            if v.kind == EventKind.SPIKE and v.reason is not None:
+                if v.onset not in self._forensics:
+                    found = spike_forensics(self, v.onset, decode)
+                    if found is None:
+                        out.append(v)
+                        continue
+                    self._forensics = {v.onset: found}  # the newest onset's only
+                v = replace(v, data={**v.data, "forensics": self._forensics[v.onset]})
+            out.append(v)
+        return out
+
+    def forensics_of(self, onset: int) -> dict[str, Any] | None:
+        return self._forensics.get(onset)
+
+    @torch.no_grad()
+    def sequence_losses(self, step: int, trace: StepTrace) -> np.ndarray:
+        """Each of step ``step``'s sequences' mean loss with the current weights: every
+        rank scores its own micro-batches (the data as trained), one all-reduce of the
+        (batch,) vector, one host read. Only at a spike (this is a sync point)."""
+        cfg, info, engine, faults = self.cfg, self.info, self.engine, self.faults
+        micro_size = cfg.train.micro_batch_size
+        windows = self.sampler.windows_at(trace.position, trace.batch)
+        out = torch.zeros(trace.batch, dtype=torch.float64, device=info.device)
+        self.runner.begin_step(-1)  # no probe sees this forward
+        engine.eval()
+        for micro in range(trace.batch // (micro_size * info.world)):
+            tokens = self.sampler.micro_batch(
+                windows, micro, info.rank, info.world, micro_size, length=trace.seq_len
+            )
+            first = (micro * info.world + info.rank) * micro_size
+            tokens = faults.corrupt(tokens, trace.position + first).to(info.device)
+            prefix = self._prefix_lengths(step, micro, tokens.size(0), trace.seq_len)
+            logits = engine(tokens[:, :-1], None, prefix)  # (B, T, V)
+            targets = tokens[:, 1:]
+            if prefix is not None and not engine.module.prefix_loss:
+                inside = torch.arange(targets.size(1), device=info.device)[None, :] + 1
+                targets = targets.masked_fill(inside < prefix[:, None], -100)
+            ce = F.cross_entropy(
+                logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+            )  # (B, T)
+            valid = (targets != -100).sum(1).clamp(min=1)
+            out[first : first + micro_size] = ce.sum(1).double() / valid
+        engine.train()
+        distributed.all_reduce_sum_(out)
+        return out.cpu().numpy()
+
+    def trained_tokens(self, trace: StepTrace, index: int) -> np.ndarray:
+        """The tokens sequence ``index`` of a step's global batch was trained on, faults
+        included (recomputed here: the sampler and the faults are pure functions)."""
+        info, micro_size = self.info, self.cfg.train.micro_batch_size
+        windows = self.sampler.windows_at(trace.position, trace.batch)
+        group, row = divmod(index, micro_size)  # group = micro * world + rank
+        micro, rank = divmod(group, info.world)
+        tokens = self.sampler.micro_batch(
+            windows, micro, rank, info.world, micro_size, length=trace.seq_len
+        )
+        tokens = self.faults.corrupt(tokens, trace.position + group * micro_size, rank=rank)
+        return tokens[row].numpy()
+
+    def replay_step(
+        self, step: int, trace: StepTrace, position: int, deadline: float
+    ) -> tuple[float, float | None, list[float], bool]:
+        """Train ``step`` again as recorded (batch, context, LR) on the data at
+        ``position``: the probes stay idle and nothing is written or counted. Returns its
+        loss, grad norm and every rank's loss (one host read), and whether to stop (the
+        time budget or a stop request, agreed in the loss all-reduce)."""
+        engine = self.engine
+        if trace.batch != engine.train_batch_size():
+            engine.set_train_batch_size(trace.batch)
+        eng.set_lr(engine, trace.lr)
+        self.runner.begin_step(-1)
+        windows = self.sampler.windows_at(position, trace.batch)
+        work = StepWork(
+            step, trace.batch, trace.seq_len, trace.lr, position, windows, time.perf_counter()
+        )
+        self.replay_deadline = deadline
+        try:
+            self.forward_backward(work)
+        finally:
+            self.replay_deadline = None
+        parts = [work.loss.detach().reshape(1).double()]
+        norm = work.grad_norm
+        has_norm = norm is not None
+        if isinstance(norm, torch.Tensor):
+            parts.append(norm.detach().reshape(1).double().to(parts[0].device))
+        elif has_norm:
+            parts.append(torch.tensor([float(norm)], dtype=torch.float64, device=parts[0].device))
+        if work.control is not None:
+            parts.append(work.control.detach().double())
+        host = torch.cat(parts).cpu().tolist()
+        loss = host[0]
+        grad_norm = host[1] if has_norm else None
+        rest = host[1 + has_norm :]
+        if rest:
+            return loss, grad_norm, rest[1:], bool(rest[0])
+        return loss, grad_norm, [loss], self._stopping()
+
+    def _diagnose(self, plan: Any) -> tuple[Any, Diagnosis | None]:
+        """Replay diagnosis before the rollback skips (trainer/diagnose.py); returns the
+        plan as the verdict changes it (``policy.rollback.diagnose.on_*``)."""
+        cfg = self.cfg.policy.rollback
+        if not cfg.diagnose.enabled:
+            return plan, None
+        diagnosis = Diagnoser(self, self.info.device.type).run(plan)
+        if diagnosis.cause == Cause.DATA and cfg.diagnose.on_data == "skip_onset":
+            last = self.history.traces.get(plan.from_step)
+            if last is not None:  # only the batches from the onset to the rollback
+                plan = replace(plan, skip_to=last.position + last.batch)
+        if diagnosis.cause == Cause.STATE and cfg.diagnose.on_state == "lr_cooldown":
+            factor = cfg.lr_cooldown_factor if cfg.lr_cooldown_factor < 1 else 0.5
+            steps = cfg.lr_cooldown_steps or 100
+            plan = replace(plan, lr_cooldown=(factor, plan.checkpoint.step + steps))
+        return plan, diagnosis
+
+    def _diagnosis_event(self, diagnosis: Diagnosis) -> None:
+        self.event(
+            EventKind.DIAGNOSIS,
+            Severity.INFO,  # the rollback's event (the page) carries its summary
+            f"diagnosis of the spike from step {diagnosis.onset}: {diagnosis.cause}. "
+            f"{diagnosis.finding}",
+            **diagnosis.to_data(),
+        )
 
     def _prefix_lengths(
         self, step: int, micro: int, n: int, seq_len: int | None = None, fixed: bool = False
@@ -781,3 +975,10 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.wait()
             self._collect_checkpoints()
+
+
+def _brief(forensics: dict[str, Any] | None, top: int = 3) -> dict[str, Any] | None:
+    """A page's share of a spike's forensics: the top sequences, not the source table."""
+    if forensics is None:
+        return None
+    return {"onset": forensics["onset"], "top": forensics["top"][:top]}

@@ -13,6 +13,7 @@ sees does not depend on how it is split over ranks and accumulation steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,18 @@ from yoto.errors import DataError
 from .corpus import Corpus
 
 _BLOCK = 4096  # source draws of the mixture are made this many at a time
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a training window comes from: its source, the document it starts in (stable
+    id, or "" when the source has no document index), the token offset of the window in
+    that document, and how many documents the packed window touches."""
+
+    source: str
+    doc_id: str
+    offset: int
+    documents: int
 
 
 class Sampler:
@@ -49,6 +62,14 @@ class Sampler:
             ]
         )
         self.window_source = np.repeat(np.arange(len(streams)), counts)
+        # the document index over the joined streams (global token offsets, ids)
+        splits = list(corpus.sources.values())
+        self.doc_starts = np.concatenate(
+            [np.zeros(0, dtype=np.int64)]
+            + [off + np.asarray(s.doc_starts, dtype=np.int64) for off, s in zip(offsets, splits)]
+        )
+        self.doc_ids = [i for s in splits for i in s.doc_ids]
+        self._stream_starts = offsets
         self.position = 0
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
@@ -167,6 +188,34 @@ class Sampler:
             raise ValueError(f"sequence length {length} is outside [1, {self.seq_len}]")
         rows = self.starts[chosen][:, None] + np.arange(length + 1)[None, :]
         return torch.from_numpy(self.tokens[rows].astype(np.int64))
+
+    def window(self, window: int, length: int | None = None) -> np.ndarray:
+        """The tokens (length + 1,) of one window, as a micro-batch would hold them."""
+        length = self.seq_len if length is None else length
+        start = int(self.starts[window])
+        return self.tokens[start : start + length + 1].astype(np.int64)
+
+    def place(self, window: int, length: int | None = None) -> Place:
+        """Source, document and offset of one window (forensics, ``yoto data batch``)."""
+        length = self.seq_len if length is None else length
+        start = int(self.starts[window])
+        src = int(self.window_source[window])
+        first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
+        stream_start = int(self._stream_starts[src])
+        if first < 0 or self.doc_starts[first] < stream_start:  # no index for this source
+            return Place(self.sources[src], "", start - stream_start, 0)
+        last = int(np.searchsorted(self.doc_starts, start + length + 1, side="left"))
+        return Place(
+            self.sources[src],
+            self.doc_ids[first],
+            start - int(self.doc_starts[first]),
+            last - first,
+        )
+
+    def windows_at(self, position: int, count: int) -> np.ndarray:
+        """Window indices of sequences [position, position + count) of the run, without
+        moving the sampler (a pure function of the seed, like every draw)."""
+        return self._windows(position, count)
 
     def sources_of(self, windows: np.ndarray) -> np.ndarray:
         """Source index of each window (names in ``self.sources``)."""

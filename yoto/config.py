@@ -350,6 +350,65 @@ class ProbesConfig(Section):
 Action = Literal["none", "skip_step", "alert", "rollback", "lr_cooldown", "batch_size", "halt"]
 
 
+class DiagnoseConfig(Section):
+    """Replay diagnosis (trainer/diagnose.py): after a rollback restored its checkpoint and
+    before it skips data, the original steps are replayed up to the onset plus
+    ``after_onset`` on the same data and compared with the recorded losses and grad norms:
+    not reproduced -> ``nondeterministic`` (hardware, silent corruption; the rank whose
+    local loss differs is named); reproduced, and gone when the onset batches are replaced
+    -> ``data``; still there -> ``state``. Then the checkpoint is restored again, so the
+    replays leave nothing behind but the ``diagnosis`` event."""
+
+    enabled: bool = Field(True, description="replay before each rollback, within the budget")
+    after_onset: int = Field(2, ge=0, description="steps replayed past the onset")
+    max_steps: int = Field(
+        200, ge=1, description="replayed steps per diagnosis (both replays); else not run"
+    )
+    max_seconds: float = Field(300.0, gt=0, description="a replay past this is cut short")
+    tolerance: float | None = Field(
+        None,
+        ge=0,
+        description="relative difference of a replayed loss or grad norm still counted as "
+        "the same; default 0 on CPU (bit-exact), 1e-3 on CUDA (nondeterministic kernels)",
+    )
+    gone_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="the spike counts as gone when the replay without the onset batches "
+        "peaks below this fraction of the original's peak (log ratio to the pre-onset level)",
+    )
+    on_data: Literal["skip", "skip_onset"] = Field(
+        "skip",
+        description="skip: the rollback's planned skip (onset plus skip_margin batches); "
+        "skip_onset: only the batches from the onset to the rollback",
+    )
+    on_state: Literal["skip", "lr_cooldown"] = Field(
+        "lr_cooldown",
+        description="lr_cooldown: also cool the LR (rollback.lr_cooldown_factor, or 0.5 for "
+        "lr_cooldown_steps or 100 steps)",
+    )
+    on_nondeterministic: Literal["rollback", "halt"] = Field(
+        "rollback", description="halt: stop the run and name the rank and host to replace"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:  # policy.rollback.diagnose=false
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
+class ForensicsConfig(Section):
+    """Spike forensics (trainer/diagnose.py): at a spike, the onset step's sequences are
+    scored again with the current weights (a no-grad forward, each rank its own
+    micro-batches) and the spike event names the top ones by loss: source, document,
+    offset, a snippet; with the batch's tokens per source beside the mixture's share."""
+
+    enabled: bool = True
+    top_k: int = Field(5, ge=1, le=100, description="sequences named per spike")
+    snippet_chars: int = Field(80, ge=0, le=2000)
+
+
 class RollbackConfig(Section):
     """PaLM-like: restart from a checkpoint before the spike, skip the data in between."""
 
@@ -372,6 +431,10 @@ class RollbackConfig(Section):
     )
     max_rollbacks: int = Field(3, ge=1, description="within window_steps, then halt")
     window_steps: int = Field(1000, ge=1)
+    diagnose: DiagnoseConfig = Field(
+        default_factory=DiagnoseConfig,
+        description="why did it spike: data, state or nondeterministic (a replay)",
+    )
 
 
 class EpisodeConfig(Section):
@@ -419,6 +482,9 @@ class PolicyConfig(Section):
     spectra: Action = "none"
     probe_failure: Action = "none"
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+    forensics: ForensicsConfig = Field(
+        default_factory=ForensicsConfig, description="which sequences a spike trained on"
+    )
     episode: EpisodeConfig = Field(
         default_factory=EpisodeConfig,
         description="groups verdicts into episodes: one page per episode, not per verdict",

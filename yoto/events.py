@@ -40,6 +40,7 @@ class EventKind(StrEnum):
     PROBE = "probe"  # a probe says something about itself (e.g. a metric it cannot compute)
     SKIP_STEP = "skip_step"  # skip-step did not apply this step's update
     SEQ_LEN = "seq_len"  # a sequence-length warmup began (at the start, or after a rollback)
+    DIAGNOSIS = "diagnosis"  # why a rollback's spike happened: data, state or nondeterministic
     CHAT = "chat"  # chat messages not delivered (written by the notifier, never sent to chat)
 
 
@@ -66,6 +67,7 @@ class Reason(StrEnum):
     NO_CHECKPOINT = "no_checkpoint"  # a rollback with no good checkpoint to go to
     ROLLBACK_BUDGET = "rollback_budget"  # too many rollbacks within the window
     RANK0 = "rank 0"  # this rank's own decision differed; rank 0's was taken
+    NONDETERMINISTIC = "nondeterministic"  # a replay did not reproduce it: the machine
 
 
 #: the verdict classes the ``policy:`` config maps to actions
@@ -169,6 +171,16 @@ class LiveSink(Sink, Protocol):
     what the run's manifest should say about it (e.g. the metrics URL)."""
 
     def bind_run(self, run: Mapping[str, str]) -> Mapping[str, Any]: ...
+
+
+def describe_suspects(forensics: Mapping[str, Any] | None, limit: int = 3) -> list[str]:
+    """One line per top sequence of a spike's forensics (trainer/diagnose.py: the
+    ``forensics`` of a spike, alert or rollback event), for chat and the terminal."""
+    lines = []
+    for s in (forensics or {}).get("top", [])[:limit]:
+        where = f"{s['source']}:{s['doc_id'] or '?'}+{s['offset']}"
+        lines.append(f"loss {s['loss']:.3g} at {where}: {s['snippet'][:60]!r}")
+    return lines
 
 
 class Sinks:
