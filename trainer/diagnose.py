@@ -55,6 +55,7 @@ import numpy as np
 from yoto.config import Config
 
 from . import distributed
+from .faults import FaultInjector
 from .history import History, StepTrace
 from .sampler import Sampler
 
@@ -434,6 +435,31 @@ class Scores(Protocol):
 
     def trained_tokens(self, trace: StepTrace, index: int) -> np.ndarray:
         """The tokens sequence ``index`` of the step's batch was trained on (faults in)."""
+
+
+def trained_tokens(
+    sampler: Sampler,
+    faults: FaultInjector,
+    trace: StepTrace,
+    index: int,
+    *,
+    world: int,
+    micro_size: int,
+) -> np.ndarray:
+    """The tokens sequence ``index`` of a step's global batch was trained on, faults
+    included, recomputed from the sampler and the faults (both pure functions of the
+    position): the micro-batch and rank that held it, as the loop split the batch."""
+    windows = sampler.windows_at(trace.position, trace.batch)
+    group, row = divmod(index, micro_size)  # group = micro * world + rank
+    micro, rank = divmod(group, world)
+    tokens = sampler.micro_batch(windows, micro, rank, world, micro_size, length=trace.seq_len)
+    tokens = faults.corrupt(tokens, trace.position + group * micro_size, rank=rank)
+    return tokens[row].numpy()
+
+
+def rank_of(index: int, *, world: int, micro_size: int) -> int:
+    """The rank that trained sequence ``index`` of a global batch."""
+    return index // micro_size % world
 
 
 def snippet(tokens: np.ndarray, chars: int, decode: Any) -> str:

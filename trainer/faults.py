@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from yoto.errors import ConfigError
+from yoto.events import EventKind
 
 
 class FaultKind(StrEnum):
@@ -214,6 +215,23 @@ class FaultInjector:
             return None
         weight = model.blocks[0].mlp.fc.weight
         return weight.register_hook(lambda g: g * float("nan"))
+
+    def recall(self, events: list[dict[str, Any]]) -> None:
+        """The bad data ranges from a run's ``fault_injected`` events (offline tools: the
+        data a step trained on, a replay after the fact). Nothing acts "this step" then."""
+        for e in events:
+            data = e.get("data", {})
+            if e.get("kind") != EventKind.FAULT_INJECTED or data.get("fault") != FaultKind.BAD_BATCH:
+                continue
+            position, batch = int(data["sampler_position"]), int(data.get("batch") or 0)
+            if batch < 1:
+                raise ConfigError(
+                    f"the bad_batch fault at step {e.get('step')} was recorded without its "
+                    "batch size (an older run): its data cannot be reconstructed"
+                )
+            end = position + int(data.get("steps") or 1) * batch
+            self.bad_positions.append((position, end, batch, int(data.get("sequences") or 0)))
+            self.fired.add(f"{FaultKind.BAD_BATCH}@{e.get('step')}")
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -61,7 +61,7 @@ from . import distributed
 from . import engine as eng
 from .batch_control import BatchController, BatchReason
 from .checkpoint import CheckpointDir, Checkpointer
-from .diagnose import Cause, Diagnoser, Diagnosis, spike_forensics
+from .diagnose import Cause, Diagnoser, Diagnosis, spike_forensics, trained_tokens
 from .distributed import DistInfo
 from .episodes import EpisodeTracker, Notice, Outcome
 from .faults import FaultInjector
@@ -183,7 +183,8 @@ class Trainer:
                 self._report_eval(progress, trained, values)
             self._collect_checkpoints()
             every = cfg.checkpoint.every
-            if every and self.branch.step % every == 0 and self.branch.step < cfg.train.steps:
+            due = every and self.branch.step % every == 0 and self.branch.step < cfg.train.steps
+            if due and self._last_saved_step != self.branch.step:  # not the one rolled back to
                 self.save_checkpoint()
             if stop:
                 status = "interrupted"
@@ -273,7 +274,9 @@ class Trainer:
                 factor=fault.factor,
                 steps=fault.steps,
                 layer=fault.layer,
+                sequences=fault.sequences,
                 sampler_position=position,
+                batch=batch_size,
             )
         lr = (
             learning_rate(branch.step, self.cfg.optim, self.cfg.train.steps)
@@ -409,6 +412,7 @@ class Trainer:
         tokens_per_step = self.engine.train_batch_size() * work.seq_len
         runner.add(Sample(catalog.BATCH_SIZE_TOKENS.name, tokens_per_step))
         runner.add(Sample(catalog.SEQ_LEN.name, work.seq_len))
+        runner.add(Sample(catalog.SAMPLER_POSITION.name, work.position))
         runner.add(Sample(catalog.STEPS.name, branch.step))
         runner.add(Sample(catalog.TOKENS.name, branch.tokens))
         runner.add(Sample(catalog.ATTEMPT.name, branch.attempt))
@@ -659,7 +663,7 @@ class Trainer:
                 self.skip_gate.restart()
         said = ""
         if diagnosis is not None:
-            self._diagnosis_event(diagnosis)
+            self._diagnosis_event(diagnosis, done.from_step)
             said = f"; diagnosis: {diagnosis.cause} ({diagnosis.finding})"
         self.diagnosis = diagnosis
         forensics = self.forensics_of(done.onset)
@@ -736,17 +740,15 @@ class Trainer:
         return out.cpu().numpy()
 
     def trained_tokens(self, trace: StepTrace, index: int) -> np.ndarray:
-        """The tokens sequence ``index`` of a step's global batch was trained on, faults
-        included (recomputed here: the sampler and the faults are pure functions)."""
-        info, micro_size = self.info, self.cfg.train.micro_batch_size
-        windows = self.sampler.windows_at(trace.position, trace.batch)
-        group, row = divmod(index, micro_size)  # group = micro * world + rank
-        micro, rank = divmod(group, info.world)
-        tokens = self.sampler.micro_batch(
-            windows, micro, rank, info.world, micro_size, length=trace.seq_len
+        """The tokens sequence ``index`` of a step's global batch was trained on."""
+        return trained_tokens(
+            self.sampler,
+            self.faults,
+            trace,
+            index,
+            world=self.info.world,
+            micro_size=self.cfg.train.micro_batch_size,
         )
-        tokens = self.faults.corrupt(tokens, trace.position + group * micro_size, rank=rank)
-        return tokens[row].numpy()
 
     def replay_step(
         self, step: int, trace: StepTrace, position: int, deadline: float
@@ -803,12 +805,13 @@ class Trainer:
             plan = replace(plan, lr_cooldown=(factor, plan.checkpoint.step + steps))
         return plan, diagnosis
 
-    def _diagnosis_event(self, diagnosis: Diagnosis) -> None:
+    def _diagnosis_event(self, diagnosis: Diagnosis, step: int) -> None:
         self.event(
             EventKind.DIAGNOSIS,
             Severity.INFO,  # the rollback's event (the page) carries its summary
             f"diagnosis of the spike from step {diagnosis.onset}: {diagnosis.cause}. "
             f"{diagnosis.finding}",
+            step=step,  # the rollback's
             **diagnosis.to_data(),
         )
 

@@ -1,22 +1,29 @@
-"""Offline uses of a run's checkpoints: ``yoto spectra RUN_DIR --step S`` and
-``yoto sample RUN_DIR --prompt ...``."""
+"""Offline uses of a run's record and checkpoints: ``yoto spectra RUN_DIR --step S``,
+``yoto sample RUN_DIR --prompt ...``, ``yoto data batch RUN_DIR --step S`` and
+``yoto diagnose RUN_DIR --step S``."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from yoto import runstore
-from yoto.config import load_config
+from yoto import catalog, runstore
+from yoto.config import Config, load_config
 from yoto.errors import RunDirError
 from yoto.probes.spectra import TABLE, analyze, weight_matrices
 
 from . import tokenizer
 from .checkpoint import verify
+from .corpus import load_corpus
+from .diagnose import rank_of, snippet, trained_tokens
+from .faults import FaultInjector
+from .history import StepTrace
 from .model import GPT, vocab_size
+from .sampler import Sampler
 
 
 def checkpoint_model(run_dir: str | Path, step: int) -> tuple[GPT, dict[str, Any]]:
@@ -88,3 +95,242 @@ def sample(
     torch.manual_seed(seed)
     out = model.generate(idx, tokens, temperature=temperature, top_k=top_k)
     return step, tokenizer.decode(out[0, idx.size(1) :].numpy())
+
+
+# --- the data a step trained on, and a diagnosis after the fact -----------------------------
+
+
+class _StepRows:
+    """A run's recorded steps, by (attempt, step), and which attempt's row is the one on a
+    branch's line of descent (a later attempt's rows take over from its first step)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        table = runstore.read_metrics(run_dir).to_pydict()
+        columns = list(table)
+        self.rows: dict[tuple[int, int], dict[str, Any]] = {}
+        for i, (a, s) in enumerate(zip(table["attempt"], table["step"], strict=True)):
+            self.rows[(int(a), int(s))] = {c: table[c][i] for c in columns}
+        self.firsts: dict[int, int] = {}
+        for a, s in self.rows:
+            self.firsts[a] = min(self.firsts.get(a, s), s)
+
+    def attempt_for(self, step: int, attempt: int | None) -> int:
+        """The attempt whose row of ``step`` lies on ``attempt``'s line (default: the
+        newest attempt that trained the step)."""
+        if attempt is None:
+            having = [a for a, s in self.rows if s == step]
+            if not having:
+                raise RunDirError(f"no attempt of this run recorded step {step}")
+            return max(having)
+        for b in sorted((b for b in self.firsts if b <= attempt), reverse=True):
+            later = [self.firsts[c] for c in self.firsts if b < c <= attempt]
+            if (b, step) in self.rows and (not later or step < min(later)):
+                return b
+        raise RunDirError(f"attempt {attempt} has no recorded step {step} on its line")
+
+    def trace(self, step: int, attempt: int, cfg: Config) -> StepTrace:
+        row = self.rows[(attempt, step)]
+        position = row.get(catalog.SAMPLER_POSITION.name)
+        if position is None or (isinstance(position, float) and math.isnan(position)):
+            raise RunDirError(
+                f"step {step} (attempt {attempt}) was recorded without "
+                f"{catalog.SAMPLER_POSITION.name} (a run from before it existed): its data "
+                "position is unknown"
+            )
+        seq_len = int(row.get(catalog.SEQ_LEN.name) or cfg.model.seq_len)
+        norm = row.get(catalog.GRAD_NORM.name)
+        return StepTrace(
+            position=int(position),
+            batch=int(round(row[catalog.BATCH_SIZE_TOKENS.name] / seq_len)),
+            seq_len=seq_len,
+            lr=float(row[catalog.LEARNING_RATE.name]),
+            loss=float(row[catalog.TRAIN_LOSS.name]),
+            grad_norm=None if norm is None or math.isnan(norm) else float(norm),
+            rank_losses=(),  # not in the rows: after the fact no rank can be named
+        )
+
+
+def _run_data(run_dir: Path, cfg: Config) -> tuple[Sampler, FaultInjector, list[dict[str, Any]]]:
+    corpus = load_corpus(cfg.data, min_tokens=cfg.model.seq_len + 1)
+    sampler = Sampler(corpus, cfg.model.seq_len, cfg.train.seed, cfg.data.alpha)
+    events = runstore.read_events(run_dir)
+    faults = FaultInjector(cfg.faults, 0, cfg.train.precision)
+    faults.recall(events)
+    return sampler, faults, events
+
+
+def data_batch(
+    run_dir: str | Path, step: int, attempt: int | None = None, snippet_chars: int = 80
+) -> dict[str, Any]:
+    """``yoto data batch``: the sequences step ``step`` of ``attempt`` (default: the newest
+    attempt that trained it) trained on, as spike forensics names them: sampler position,
+    the rank that held it, source, document, offset, a snippet of the tokens as trained
+    (``replaced``: a bad_batch fault put random bytes there); and the batch's tokens per
+    source beside the mixture's expected share."""
+    run_dir = runstore.require_run_dir(run_dir)
+    cfg = load_config(file=run_dir / runstore.CONFIG)
+    world = int(runstore.read_manifest(run_dir).get("world_size") or 1)
+    steps = _StepRows(run_dir)
+    attempt = steps.attempt_for(step, attempt)
+    trace = steps.trace(step, attempt, cfg)
+    sampler, faults, _ = _run_data(run_dir, cfg)
+    micro = cfg.train.micro_batch_size
+    windows = sampler.windows_at(trace.position, trace.batch)
+    replaced = set(faults.corrupted(trace.position, trace.batch))
+    sequences = []
+    for i, window in enumerate(map(int, windows)):
+        place = sampler.place(window, trace.seq_len)
+        tokens = trained_tokens(sampler, faults, trace, i, world=world, micro_size=micro)
+        sequences.append(
+            {
+                "index": i,
+                "position": trace.position + i,
+                "rank": rank_of(i, world=world, micro_size=micro),
+                "source": place.source,
+                "doc_id": place.doc_id,
+                "offset": place.offset,
+                "documents": place.documents,
+                "replaced": trace.position + i in replaced,
+                "snippet": snippet(tokens, snippet_chars, tokenizer.decode),
+            }
+        )
+    counts = np.bincount(sampler.sources_of(windows), minlength=len(sampler.sources))
+    return {
+        "step": step,
+        "attempt": attempt,
+        "sampler_position": trace.position,
+        "batch": trace.batch,
+        "seq_len": trace.seq_len,
+        "sequences": sequences,
+        "source_tokens": {
+            n: int(c) * trace.seq_len for n, c in zip(sampler.sources, counts, strict=True)
+        },
+        "expected_source_tokens": {
+            n: float(p) * trace.batch * trace.seq_len
+            for n, p in zip(sampler.sources, sampler.probs, strict=True)
+        },
+    }
+
+
+def _spike_at(events: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The acted-on spike event whose onset (or own step) is ``step``; the newest attempt's."""
+    spikes = [
+        e
+        for e in events
+        if e["kind"] == "spike" and step in (e["data"].get("onset"), e["step"])
+    ]
+    if not spikes:
+        onsets = sorted({e["data"].get("onset") for e in events if e["kind"] == "spike"} - {None})
+        raise RunDirError(
+            f"no spike was recorded at step {step}; spike onsets of this run: "
+            f"{', '.join(map(str, onsets)) or 'none'}"
+        )
+    return max(spikes, key=lambda e: (e["attempt"], e["step"]))
+
+
+def _on_line(
+    rows: _StepRows, events: list[dict[str, Any]], step: int, saved_by: int, attempt: int
+) -> bool:
+    """Whether the checkpoint of ``step`` saved by attempt ``saved_by`` holds the state of
+    ``attempt``'s line at that step: saved on that line, or saved by a branch a rollback
+    started there from a checkpoint of that line (the same state, renumbered)."""
+    try:
+        ours = rows.attempt_for(step, attempt)
+    except RunDirError:
+        return False
+    if saved_by == ours:
+        return True
+    for e in events:
+        data = e["data"]
+        if e["kind"] == "rollback" and data.get("attempt") == saved_by:
+            if data.get("to_step") != step:
+                return False
+            try:
+                return rows.attempt_for(step, int(data["from_attempt"])) == ours
+            except RunDirError:
+                return False
+    return False
+
+
+def diagnose_after(run_dir: str | Path, step: int) -> Any:
+    """``yoto diagnose``: the replay diagnosis of the recorded spike at ``step`` (its onset),
+    from the newest checkpoint before it on the spike's line of descent, as a rollback
+    would have run it; writes nothing into the run. Needs the run's world size (a
+    multi-rank run under torchrun with as many ranks). Returns the Diagnosis."""
+    from types import SimpleNamespace
+
+    from yoto.events import Sinks
+
+    from . import run as run_mod
+    from .checkpoint import CheckpointDir
+    from .diagnose import Diagnoser
+
+    run_dir = runstore.require_run_dir(run_dir)
+    cfg = load_config(file=run_dir / runstore.CONFIG)
+    events = runstore.read_events(run_dir)
+    spike = _spike_at(events, step)
+    onset, attempt = int(spike["data"].get("onset", spike["step"])), int(spike["attempt"])
+    rollback = next(
+        (
+            e
+            for e in events
+            if e["kind"] == "rollback"
+            and e["data"].get("onset") == onset
+            and e["data"].get("from_attempt") == attempt
+        ),
+        None,
+    )
+    end_step = int(rollback["data"]["from_step"]) if rollback else int(spike["step"])
+    rows = _StepRows(run_dir)
+    ckpts = [
+        c
+        for c in runstore.list_checkpoints(run_dir / runstore.CHECKPOINTS)
+        if c.complete and c.step < onset
+    ]
+    if not ckpts:
+        raise RunDirError(
+            f"no complete checkpoint of this run precedes the spike at step {onset} any more "
+            "(checkpoint.keep_last prunes old ones): nothing to replay from"
+        )
+    prepared = run_mod.prepare(cfg)
+    world = int(runstore.read_manifest(run_dir).get("world_size") or 1)
+    if prepared.info.world != world:
+        raise RunDirError(
+            f"the run trained on {world} rank(s); run yoto diagnose on as many "
+            f"(torchrun --nproc-per-node {world} -m yoto.cli diagnose ...)"
+        )
+    trainer = run_mod.assemble(cfg, prepared, run_dir, Sinks())
+    try:
+        chosen: CheckpointDir | None = None
+        for ckpt in reversed(ckpts):  # the newest one on the spike's line of descent
+            _, client = checkpoint_model(run_dir, ckpt.step)
+            branch = client.get("branch", client.get("state", {}))
+            if _on_line(rows, events, ckpt.step, int(branch.get("attempt", 0)), attempt):
+                chosen = ckpt
+                break
+        if chosen is None:
+            raise RunDirError(
+                f"no checkpoint before step {onset} lies on attempt {attempt}'s line"
+            )
+        for s in range(max(1, chosen.step - 16), end_step + 1):  # the level before, too
+            try:
+                trainer.history.record_trace(s, rows.trace(s, rows.attempt_for(s, attempt), cfg))
+            except (RunDirError, KeyError):
+                continue
+        trainer.faults.recall(events)
+        trainer.restore(chosen)
+        trainer.faults.rolled_back()
+        onset_trace = trainer.history.traces.get(onset)
+        if onset_trace is None:
+            raise RunDirError(f"step {onset} of attempt {attempt} has no recorded row")
+        skip_to = (
+            int(rollback["data"]["sampler_position_resume"])
+            if rollback
+            else onset_trace.position + cfg.policy.rollback.skip_margin * onset_trace.batch
+        )
+        plan = SimpleNamespace(
+            checkpoint=chosen, onset=onset, from_step=end_step, skip_to=skip_to
+        )
+        return Diagnoser(trainer, prepared.info.device.type).run(plan)
+    finally:
+        trainer.runner.detach()

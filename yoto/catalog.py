@@ -121,6 +121,14 @@ BATCH_SIZE_TOKENS = _metric(
     "tokens",
     "Global batch of the last step in tokens, as the DeepSpeed engine used it.",
 )
+SAMPLER_POSITION = _metric(
+    "yoto_sampler_position",
+    "gauge",
+    "",
+    "Training sequences drawn from the data stream before the last step: sequence k of "
+    "the run is a pure function of (seed, k), so step S trained sequences [position, "
+    "position + batch) (yoto data batch RUN_DIR --step S). A rollback's skip is a jump.",
+)
 SEQ_LEN = _metric(
     "yoto_seq_len",
     "gauge",

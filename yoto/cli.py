@@ -159,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = runs_sub.add_parser("show", help="one run: status, progress, losses, events, checkpoints")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
+    data = sub.add_parser("data", help="the training data as a run saw it")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("batch", help="the sequences one step trained on")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--attempt", type=int, help="default: the newest attempt that trained it")
+    p.add_argument("--snippet", type=int, default=60, help="characters of text per sequence")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "diagnose", help="replay a recorded spike: was it the data, the state or the machine?"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, required=True, help="the spike's onset step")
+    p.add_argument("--json", action="store_true")
     _add_dashboards_parser(sub)
     _add_scaling_parsers(sub)
     return parser
@@ -718,7 +732,53 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from yoto.trainer.offline import data_batch
+
+    got = data_batch(args.run_dir, args.step, args.attempt, snippet_chars=args.snippet)
+    if args.json:
+        print(json.dumps(got, indent=2))
+        return 0
+    print(
+        f"step {got['step']} (attempt {got['attempt']}): {got['batch']} sequences of "
+        f"{got['seq_len']} tokens from sampler position {got['sampler_position']}"
+    )
+    print(f"{'#':>4s} {'position':>9s} {'rank':>4s} {'source':10s} {'document':36s} "
+          f"{'offset':>8s} {'docs':>4s}  text")
+    for q in got["sequences"]:
+        mark = " [replaced by a fault]" if q["replaced"] else ""
+        print(
+            f"{q['index']:4d} {q['position']:9d} {q['rank']:4d} {q['source'][:10]:10s} "
+            f"{(q['doc_id'] or '?')[-36:]:36s} {q['offset']:8d} {q['documents']:4d}  "
+            f"{q['snippet']!r}{mark}"
+        )
+    print("tokens per source (expected by the mixture):")
+    for name, n in got["source_tokens"].items():
+        print(f"  {name:12s} {n:8d} ({got['expected_source_tokens'][name]:.0f})")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from yoto.trainer.offline import diagnose_after
+
+    found = diagnose_after(args.run_dir, args.step)
+    if args.json:
+        print(json.dumps(found.to_data(), indent=2))
+        return 0
+    print(f"spike from step {found.onset}: {found.cause}")
+    print(f"  {found.finding}")
+    print(
+        f"  replayed {found.replayed_steps} steps from the checkpoint at step "
+        f"{found.checkpoint_step} to step {found.end} in {found.seconds:.1f} s "
+        f"(tolerance {found.tolerance:g})"
+    )
+    print(f"  advice: {found.advice}")
+    return 0
+
+
 COMMANDS = {
+    "data": cmd_data,
+    "diagnose": cmd_diagnose,
     "sweep": cmd_sweep,
     "scaling": cmd_scaling,
     "train": cmd_train,

@@ -140,6 +140,7 @@ def _overview() -> Board:
             _ts(value(c.LEARNING_RATE)),
             _ts(value(c.BATCH_SIZE_TOKENS)),
             _ts(value(c.SEQ_LEN), title="Context length (sequence warmup)"),
+            _ts(value(c.SAMPLER_POSITION), title="Data position (sequences drawn; skips jump)"),
             _ts(value(c.ATTEMPT)),
             _ts(value(c.THROUGHPUT), per_second(c.TOKENS)),
             _ts(value(c.MFU), min=0, max=1),
