@@ -53,7 +53,14 @@ from yoto import catalog
 from yoto.alerts.outbox import KEPT, Kept, Outbox, Outcome, kept
 from yoto.config import REDACTED, NotifyConfig
 from yoto.errors import ConfigError
-from yoto.events import Event, EventKind, Rollback, Severity
+from yoto.events import (
+    Event,
+    EventKind,
+    Rollback,
+    Severity,
+    describe_ranks,
+    describe_suspects,
+)
 
 log = logging.getLogger("yoto.notify")
 
@@ -141,6 +148,26 @@ def what_the_policy_did(event: Event) -> str:
     return "none (for your information)"
 
 
+def what_the_evidence_says(event: Event) -> list[str]:
+    """The lines a spike's forensics and a rollback's replay diagnosis add (trainer/
+    diagnose.py): the sequences the onset step trained on, and why it spiked."""
+    lines = []
+    diagnosis = event.data.get("diagnosis")
+    if event.kind == EventKind.DIAGNOSIS:
+        diagnosis = event.data
+    if diagnosis:
+        lines.append(f"diagnosis: {diagnosis.get('cause', '?')}: {diagnosis.get('finding', '')}")
+        named = describe_ranks(diagnosis)
+        if named:
+            lines.append(f"suspect rank(s): {named}")
+    forensics = event.data.get("forensics")
+    suspects = describe_suspects(forensics)
+    if suspects:
+        lines.append(f"suspect sequences (batch of step {forensics.get('onset', '?')}):")
+        lines += [f"  {line}" for line in suspects]
+    return lines
+
+
 def format_message(event: Event, run: Mapping[str, str], link: str | None) -> Message:
     name = run.get("name", "run")
     title = f"[yoto] {event.severity.upper()} {event.kind}: {name} at step {event.step}"
@@ -149,6 +176,7 @@ def format_message(event: Event, run: Mapping[str, str], link: str | None) -> Me
         f"what happened: {event.message}",
         f"what yoto did: {what_the_policy_did(event)}",
     ]
+    lines += what_the_evidence_says(event)
     if link:
         lines.append(f"dashboard: {link}")
     key = (str(event.kind), event.data.get("reason"), event.data.get("onset", event.step))

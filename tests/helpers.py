@@ -23,7 +23,7 @@ FAST = [
     "checkpoint.every=0",
     "log.progress=false",
     # a rollback's replay diagnosis costs two replays; tests about it turn it back on
-    "policy.rollback.diagnose=false",
+    "policy.rollback.diagnose.enabled=false",
 ]
 
 

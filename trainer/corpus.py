@@ -328,9 +328,8 @@ def _split(name: str, docs: list[Document], val_fraction: float, min_tokens: int
         stream, starts = _join(docs)
         cut = len(stream) - max(want, min_tokens)
         kept = int(np.searchsorted(starts, cut, side="left"))  # documents starting before it
-        return SourceSplit(
-            name, stream[:cut], stream[cut:], len(docs), 0, starts[:kept], [d.id for d in docs][:kept]
-        )
+        ids = [d.id for d in docs][:kept]
+        return SourceSplit(name, stream[:cut], stream[cut:], len(docs), 0, starts[:kept], ids)
     return SourceSplit(
         name, train_stream, val_stream, len(train), len(val), train_starts, [d.id for d in train]
     )

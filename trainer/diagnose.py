@@ -263,8 +263,7 @@ def classify(
         )
         return (
             Cause.NONDETERMINISTIC,
-            f"the replay from the checkpoint differs from the recorded run at step {step}: "
-            f"{who}",
+            f"the replay from the checkpoint differs from the recorded run at step {step}: {who}",
             step,
             ranks,
         )
@@ -498,7 +497,6 @@ def spike_forensics(trainer: Scores, onset: int, decode: Any) -> dict[str, Any] 
                 "snippet": snippet(trainer.trained_tokens(trace, i), cfg.snippet_chars, decode),
             }
         )
-    counts = np.bincount(sampler.sources_of(windows), minlength=len(sampler.sources))
     return {
         "onset": onset,
         "sampler_position": trace.position,
@@ -506,12 +504,21 @@ def spike_forensics(trainer: Scores, onset: int, decode: Any) -> dict[str, Any] 
         "seq_len": trace.seq_len,
         "median_loss": median,
         "top": top,
+        **source_mix(sampler, trace),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def source_mix(sampler: Sampler, trace: StepTrace) -> dict[str, dict[str, float]]:
+    """A step's tokens per source, and what the mixture (size^alpha) expects of a batch."""
+    windows = sampler.windows_at(trace.position, trace.batch)
+    counts = np.bincount(sampler.sources_of(windows), minlength=len(sampler.sources))
+    tokens = trace.batch * trace.seq_len
+    return {
         "source_tokens": {
             name: int(c) * trace.seq_len for name, c in zip(sampler.sources, counts, strict=True)
         },
         "expected_source_tokens": {
-            name: float(p) * trace.batch * trace.seq_len
-            for name, p in zip(sampler.sources, sampler.probs, strict=True)
+            name: float(p) * tokens for name, p in zip(sampler.sources, sampler.probs, strict=True)
         },
-        "seconds": time.perf_counter() - started,
     }

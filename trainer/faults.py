@@ -3,11 +3,11 @@
 | kind | what happens at STEP | options (default) |
 |---|---|---|
 | ``lr_spike`` | LR x factor for a few steps | factor (100), steps (3) |
-| ``bad_batch`` | the next batches of data are random bytes (a corrupt shard) | steps (8), sequences (0: all), rank |
+| ``bad_batch`` | the next batches are random bytes (a corrupt shard) | steps (8), sequences, rank |
 | ``nan_grad`` | one parameter's gradient becomes NaN | rank |
 | ``weight_blowup`` | one block's weights are multiplied by factor | factor (30), layer (0) |
 | ``fp16_overflow`` | the loss is scaled past fp16's range (fp16 engines only) | steps (3), rank |
-| ``flaky`` | loss and gradient x factor in the first pass only, never in a replay (a flaky GPU) | factor (10), steps (1), rank |
+| ``flaky`` | loss, gradient x factor; not in a replay (a bad GPU) | factor (10), steps (1), rank |
 
 A fault fires once, the first time its step is reached, and is recorded as a
 ``fault_injected`` event, so detection delay is the gap to the first verdict. It stays
@@ -221,7 +221,9 @@ class FaultInjector:
         data a step trained on, a replay after the fact). Nothing acts "this step" then."""
         for e in events:
             data = e.get("data", {})
-            if e.get("kind") != EventKind.FAULT_INJECTED or data.get("fault") != FaultKind.BAD_BATCH:
+            if e.get("kind") != EventKind.FAULT_INJECTED:
+                continue
+            if data.get("fault") != FaultKind.BAD_BATCH:
                 continue
             position, batch = int(data["sampler_position"]), int(data.get("batch") or 0)
             if batch < 1:
@@ -244,5 +246,6 @@ class FaultInjector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fired = set(state["fired"])
         # older checkpoints: (first, end) ranges, whole batches
-        self.bad_positions = [(*r, 1, 0) if len(r) == 2 else tuple(r) for r in state["bad_positions"]]
+        ranges = state["bad_positions"]
+        self.bad_positions = [(*r, 1, 0) if len(r) == 2 else tuple(r) for r in ranges]
         self.windows = {k: tuple(v) for k, v in state.get("windows", {}).items()}

@@ -564,7 +564,7 @@ class Trainer:
                 Reason.NONDETERMINISTIC,
                 decision.onset,
                 diagnosis.finding,
-                diagnosis.advice,
+                f"{diagnosis.finding}; {diagnosis.advice}",
             )
             action = Action.HALT
         if action == Action.HALT:
@@ -794,7 +794,10 @@ class Trainer:
         cfg = self.cfg.policy.rollback
         if not cfg.diagnose.enabled:
             return plan, None
+        batch_size = self.engine.train_batch_size()  # replays set the recorded ones
         diagnosis = Diagnoser(self, self.info.device.type).run(plan)
+        if self.engine.train_batch_size() != batch_size:
+            self.engine.set_train_batch_size(batch_size)
         if diagnosis.cause == Cause.DATA and cfg.diagnose.on_data == "skip_onset":
             last = self.history.traces.get(plan.from_step)
             if last is not None:  # only the batches from the onset to the rollback

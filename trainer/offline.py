@@ -19,7 +19,7 @@ from yoto.probes.spectra import TABLE, analyze, weight_matrices
 from . import tokenizer
 from .checkpoint import verify
 from .corpus import load_corpus
-from .diagnose import rank_of, snippet, trained_tokens
+from .diagnose import rank_of, snippet, source_mix, trained_tokens
 from .faults import FaultInjector
 from .history import StepTrace
 from .model import GPT, vocab_size
@@ -141,7 +141,7 @@ class _StepRows:
         norm = row.get(catalog.GRAD_NORM.name)
         return StepTrace(
             position=int(position),
-            batch=int(round(row[catalog.BATCH_SIZE_TOKENS.name] / seq_len)),
+            batch=round(row[catalog.BATCH_SIZE_TOKENS.name] / seq_len),
             seq_len=seq_len,
             lr=float(row[catalog.LEARNING_RATE.name]),
             loss=float(row[catalog.TRAIN_LOSS.name]),
@@ -194,7 +194,6 @@ def data_batch(
                 "snippet": snippet(tokens, snippet_chars, tokenizer.decode),
             }
         )
-    counts = np.bincount(sampler.sources_of(windows), minlength=len(sampler.sources))
     return {
         "step": step,
         "attempt": attempt,
@@ -202,22 +201,14 @@ def data_batch(
         "batch": trace.batch,
         "seq_len": trace.seq_len,
         "sequences": sequences,
-        "source_tokens": {
-            n: int(c) * trace.seq_len for n, c in zip(sampler.sources, counts, strict=True)
-        },
-        "expected_source_tokens": {
-            n: float(p) * trace.batch * trace.seq_len
-            for n, p in zip(sampler.sources, sampler.probs, strict=True)
-        },
+        **source_mix(sampler, trace),
     }
 
 
 def _spike_at(events: list[dict[str, Any]], step: int) -> dict[str, Any]:
     """The acted-on spike event whose onset (or own step) is ``step``; the newest attempt's."""
     spikes = [
-        e
-        for e in events
-        if e["kind"] == "spike" and step in (e["data"].get("onset"), e["step"])
+        e for e in events if e["kind"] == "spike" and step in (e["data"].get("onset"), e["step"])
     ]
     if not spikes:
         onsets = sorted({e["data"].get("onset") for e in events if e["kind"] == "spike"} - {None})
@@ -309,9 +300,7 @@ def diagnose_after(run_dir: str | Path, step: int) -> Any:
                 chosen = ckpt
                 break
         if chosen is None:
-            raise RunDirError(
-                f"no checkpoint before step {onset} lies on attempt {attempt}'s line"
-            )
+            raise RunDirError(f"no checkpoint before step {onset} lies on attempt {attempt}'s line")
         for s in range(max(1, chosen.step - 16), end_step + 1):  # the level before, too
             try:
                 trainer.history.record_trace(s, rows.trace(s, rows.attempt_for(s, attempt), cfg))
@@ -328,9 +317,7 @@ def diagnose_after(run_dir: str | Path, step: int) -> Any:
             if rollback
             else onset_trace.position + cfg.policy.rollback.skip_margin * onset_trace.batch
         )
-        plan = SimpleNamespace(
-            checkpoint=chosen, onset=onset, from_step=end_step, skip_to=skip_to
-        )
+        plan = SimpleNamespace(checkpoint=chosen, onset=onset, from_step=end_step, skip_to=skip_to)
         return Diagnoser(trainer, prepared.info.device.type).run(plan)
     finally:
         trainer.runner.detach()

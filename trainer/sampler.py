@@ -64,9 +64,9 @@ class Sampler:
         self.window_source = np.repeat(np.arange(len(streams)), counts)
         # the document index over the joined streams (global token offsets, ids)
         splits = list(corpus.sources.values())
+        starts = [np.asarray(s.doc_starts, dtype=np.int64) for s in splits]
         self.doc_starts = np.concatenate(
-            [np.zeros(0, dtype=np.int64)]
-            + [off + np.asarray(s.doc_starts, dtype=np.int64) for off, s in zip(offsets, splits)]
+            [np.zeros(0, dtype=np.int64)] + [o + d for o, d in zip(offsets, starts, strict=True)]
         )
         self.doc_ids = [i for s in splits for i in s.doc_ids]
         self._stream_starts = offsets

@@ -743,8 +743,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         f"step {got['step']} (attempt {got['attempt']}): {got['batch']} sequences of "
         f"{got['seq_len']} tokens from sampler position {got['sampler_position']}"
     )
-    print(f"{'#':>4s} {'position':>9s} {'rank':>4s} {'source':10s} {'document':36s} "
-          f"{'offset':>8s} {'docs':>4s}  text")
+    print(
+        f"{'#':>4s} {'position':>9s} {'rank':>4s} {'source':10s} {'document':36s} "
+        f"{'offset':>8s} {'docs':>4s}  text"
+    )
     for q in got["sequences"]:
         mark = " [replaced by a fault]" if q["replaced"] else ""
         print(

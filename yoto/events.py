@@ -183,6 +183,13 @@ def describe_suspects(forensics: Mapping[str, Any] | None, limit: int = 3) -> li
     return lines
 
 
+def describe_ranks(diagnosis: Mapping[str, Any] | None) -> str:
+    """The ranks a replay diagnosis names, with their hosts: "1 (host-a), 3"; "" if none."""
+    ranks, hosts = (diagnosis or {}).get("ranks") or [], (diagnosis or {}).get("hosts") or []
+    named = [f"{r} ({h})" for r, h in zip(ranks, hosts, strict=False)]
+    return ", ".join(named + [str(r) for r in ranks[len(hosts) :]])
+
+
 class Sinks:
     """Fans out to several sinks. The first is *durable* (the run store): its errors
     propagate, because losing the record silently is worse than stopping. Errors of the

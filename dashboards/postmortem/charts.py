@@ -276,6 +276,64 @@ def _event_strip(marked: pd.DataFrame, domain: tuple[int, int] | None, pick: str
     return chart
 
 
+# a replay diagnosis's trajectories (trainer/diagnose.py), in this order and these colours
+REPLAY_COLORS = {"recorded": "#1f77b4", "replay": "#ff7f0e", "without_onset": "#2ca02c"}
+REPLAY_DASH = {"recorded": [1, 0], "replay": [6, 3], "without_onset": [2, 2]}
+
+
+def replays(frame: pd.DataFrame, onset: int, height: int = 150) -> alt.TopLevelMixin:
+    """A diagnosis's trajectories against step, a panel per metric (catalog names): the
+    recorded one wide and pale underneath, the replays dashed with their points on top, so
+    a replay that repeats the record exactly shows as a dashed line inside a wide one; the
+    onset a dashed red rule."""
+    labels = [k for k in REPLAY_COLORS if k in set(frame.series)]
+    labels += sorted(set(frame.series) - set(labels))
+    color = alt.Color(
+        "series:N",
+        title=None,
+        scale=alt.Scale(
+            domain=labels, range=[REPLAY_COLORS.get(k, UNMARKED_COLOR) for k in labels]
+        ),
+        legend=alt.Legend(orient="top", symbolType="stroke", symbolStrokeWidth=3),
+    )
+    dash = alt.StrokeDash(
+        "series:N",
+        scale=alt.Scale(domain=labels, range=[REPLAY_DASH.get(k, [4, 2]) for k in labels]),
+        legend=None,
+    )
+    onset_rule = (
+        alt.Chart(pd.DataFrame({"step": [onset], "what": ["spike onset"]}))
+        .mark_rule(color="red", strokeDash=[4, 3])
+        .encode(x="step:Q", tooltip=["what:N", "step:Q"])
+    )
+    panels = []
+    for metric, part in frame.groupby("metric", sort=False):
+        base = alt.Chart(part).encode(
+            x=alt.X("x:Q", title="optimizer step", scale=alt.Scale(zero=False)),
+            y=_y(title(metric), log_y=False),
+            color=color,
+            tooltip=[
+                alt.Tooltip("series:N", title="trajectory"),
+                alt.Tooltip("x:Q", title="step"),
+                alt.Tooltip("value:Q", title=title(metric), format=".5g"),
+            ],
+        )
+        recorded = base.transform_filter(alt.datum.series == "recorded")
+        others = base.transform_filter(alt.datum.series != "recorded")
+        panels.append(
+            alt.layer(
+                recorded.mark_line(strokeWidth=5, opacity=0.35),
+                others.mark_line(strokeWidth=1.6, point=True).encode(strokeDash=dash),
+                onset_rule,
+            ).properties(height=height)
+        )
+    return (
+        alt.vconcat(*panels, spacing=6)
+        .resolve_scale(x="shared")
+        .properties(autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
+    )
+
+
 def heatmap(
     frame: pd.DataFrame,
     order: list[str],

@@ -29,7 +29,7 @@ from yoto.alerts.notifier import (
 )
 from yoto.config import REDACTED, NotifyConfig
 from yoto.errors import ConfigError
-from yoto.events import Event, EventKind, Reason, Rollback, Severity
+from yoto.events import Event, EventKind, Reason, Rollback, Severity, describe_suspects
 from yoto.runstore import RunStore
 
 RUN = {"run": "20261128-demo-ab12", "name": "demo"}
@@ -248,6 +248,54 @@ def test_a_server_error_gets_the_backoff_whatever_is_queued_meanwhile() -> None:
         assert receiver.requests == 5 == notifier.sent["json"] + notifier.failed["json"]
     finally:
         receiver.down()
+
+
+SUSPECTS = [
+    {"index": 3, "position": 1267, "loss": 9.25, "source": "code", "doc_id": "difflib.py",
+     "offset": 36278, "documents": 1, "snippet": "def ratio(self):"},
+    {"index": 0, "position": 1264, "loss": 8.5, "source": "prose", "doc_id": None,
+     "offset": 12, "documents": 2, "snippet": "Call me Ishmael."},
+]  # fmt: skip
+
+
+def test_a_message_names_the_suspect_sequences_and_the_diagnosis() -> None:
+    """A rollback's message says what the replay found and which rank, and which sequences
+    the onset step trained on (yoto.events.describe_suspects, one line each); a message
+    without them is as before."""
+    plain = rollback(305)
+    diagnosis = {
+        "cause": "nondeterministic",
+        "finding": "not reproduced at step 301",
+        "ranks": [1],
+        "hosts": ["host-a"],
+        "replayed_steps": 10,
+        "seconds": 4.2,
+    }
+    forensics = {"onset": 301, "top": SUSPECTS}
+    data = {**plain.data, "diagnosis": diagnosis, "forensics": forensics}
+    event = Event(plain.step, plain.attempt, plain.kind, plain.severity, plain.message, data)
+    body = format_message(event, RUN, None).body.splitlines()
+    assert "diagnosis: nondeterministic: not reproduced at step 301" in body
+    assert "suspect rank(s): 1 (host-a)" in body
+    at = body.index("suspect sequences (batch of step 301):")
+    assert [line.strip() for line in body[at + 1 :]] == describe_suspects(forensics)
+    assert "difflib.py" in body[at + 1] and "prose:?+12" in body[at + 2]
+    assert len(body) == 8  # run, happened, done; diagnosis, rank; suspects heading + 2
+    # an alert's brief forensics, a diagnosis that names no rank, and neither
+    data = {"action": "alert", "forensics": {"onset": 300, "top": SUSPECTS[:1]}}
+    alert = Event(301, 0, EventKind.ALERT, Severity.WARNING, "loss spike", data)
+    body = format_message(alert, RUN, None).body
+    assert "suspect sequences (batch of step 300):" in body and "diagnosis" not in body
+    quiet = {**plain.data, "diagnosis": {**diagnosis, "cause": "data", "ranks": [], "hosts": []}}
+    body = format_message(Event(305, 1, plain.kind, plain.severity, "", quiet), RUN, None).body
+    assert "diagnosis: data: " in body and "rank" not in body and "suspect" not in body
+    body = format_message(plain, RUN, None).body
+    assert "diagnosis" not in body and "suspect" not in body
+    # the diagnosis event itself (info: sent only where notify.min_severity lets it)
+    told = Event(
+        200, 1, EventKind.DIAGNOSIS, Severity.INFO, "diagnosis", {**diagnosis, "onset": 301}
+    )
+    assert "suspect rank(s): 1 (host-a)" in format_message(told, RUN, None).body
 
 
 def test_retry_after_as_seconds_or_an_http_date() -> None:

@@ -30,6 +30,7 @@ EXPLORER_RUN = [
     "eval.every=30",
     "eval.batches=1",
     "data.max_bytes_per_source=1000000",
+    "policy.rollback.diagnose.enabled=true",
 ]
 
 

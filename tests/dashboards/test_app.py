@@ -44,6 +44,8 @@ def visited(explorer_run: Path) -> dict:
                 "warning": texts(at, "warning"),
                 "charts": [c.proto for c in at.get("vega_lite_chart")],
                 "frames": [d.value for d in at.dataframe],
+                "tables": [t.value for t in at.table],
+                "markdown": texts(at, "markdown"),
             }
         return {"pages": pages, "before": before, "after": snapshot(explorer_run)}
     finally:
@@ -79,9 +81,15 @@ def test_runs_table_lists_the_run(visited: dict, explorer_run: Path) -> None:
     assert row.steps.iloc[0] == 90 and row["best val loss (nats)"].iloc[0] > 0
 
 
+def events_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The Timeline's events table (beside it: an incident's suspect sequences)."""
+    [events] = [f for f in frames if "kind" in f]
+    return events
+
+
 def test_timeline_marks_the_rollback_fault_and_spike(visited: dict, explorer_run: Path) -> None:
     page = visited["pages"]["timeline"]
-    [events] = page["frames"]
+    events = events_table(page["frames"])
     rollback = events[events.kind == "rollback"]
     assert len(rollback) == 1 and rollback.attempt.iloc[0] == 1
     # the rollback is the episode's page; the episode's summary closes it
@@ -179,6 +187,48 @@ def test_timeline_whole_run_view(explorer_run: Path, yoto_runs) -> None:
     assert {"surviving", "abandoned"} == set(drawn.branch)
 
 
+def test_timeline_shows_the_incidents_diagnosis_and_suspect_sequences(
+    visited: dict, explorer_run: Path
+) -> None:
+    """Under the incident's charts: the replay diagnosis written before the rollback (its
+    verdict, and the trajectories it compared, a line each) and the spike's forensics (the
+    onset batch's top sequences, and its tokens per source beside the mixture's)."""
+    events = runstore.read_events(explorer_run)
+    [rollback] = [e for e in events if e["kind"] == EventKind.ROLLBACK]
+    [diagnosis] = [e["data"] for e in events if e["kind"] == EventKind.DIAGNOSIS]
+    assert rollback["data"]["diagnosis"]["cause"] == diagnosis["cause"]
+    onset = rollback["data"]["onset"]
+    [forensics, *_] = [
+        e["data"]["forensics"]
+        for e in events
+        if e["kind"] == EventKind.SPIKE and (e["data"].get("forensics") or {}).get("onset") == onset
+    ]
+    page = visited["pages"]["timeline"]
+    assert f"**Diagnosis: {diagnosis['cause']}**. {diagnosis['finding']}" in page["markdown"]
+    assert f"Advice: {diagnosis['advice']}" in page["markdown"]
+    # the replays' chart, after loss and grad norm: every trajectory as recorded
+    tables = [t.to_pandas() for t in wire.datasets(page["charts"][2])]
+    drawn = pd.concat([t for t in tables if "series" in t], ignore_index=True)
+    assert {t["label"] for t in diagnosis["trajectories"]} == set(drawn.series)
+    for t in diagnosis["trajectories"]:
+        for metric, values in ((LOSS, t["loss"]), (catalog.GRAD_NORM.name, t["grad_norm"])):
+            line = drawn[(drawn.series == t["label"]) & (drawn.metric == metric)]
+            want = dict(zip(t["steps"], values, strict=True))
+            assert dict(zip(line.x, line.value, strict=True)) == pytest.approx(want)
+    # the suspect sequences, highest loss first, and the batch's mix of sources
+    [suspects] = [f for f in page["frames"] if "snippet" in f]
+    top = forensics["top"]
+    assert list(suspects.index) == [s["index"] for s in top]
+    assert list(suspects["loss (nats)"]) == pytest.approx([s["loss"] for s in top])
+    for column, key in (("source", "source"), ("offset", "offset"), ("snippet", "snippet")):
+        assert list(suspects[column]) == [s[key] for s in top]
+    assert list(suspects.document.fillna("")) == [s["doc_id"] or "" for s in top]
+    [mix] = page["tables"]
+    assert mix.tokens.to_dict() == forensics["source_tokens"]
+    expected = {k: round(v) for k, v in forensics["expected_source_tokens"].items()}
+    assert mix.expected.to_dict() == expected
+
+
 def _set_band(run: Path, low, high) -> None:
     path = run / runstore.CONFIG
     cfg = yaml.safe_load(path.read_text())
@@ -227,16 +277,15 @@ def test_live_run_new_segments_show_after_a_rerun(run_dir_copy: Path, yoto_runs)
     clearing any cache (the loaders key on the run's file fingerprint)."""
     yoto_runs(run_dir_copy)
     at = visit(app(), "timeline")
-    [table] = at.dataframe
-    before = len(table.value)
+    before = len(events_table([d.value for d in at.dataframe]))
     store = runstore.RunStore.reopen(run_dir_copy)
     store.write_event(Event(91, 1, EventKind.ALERT, Severity.WARNING, "late alert"))
     store.write_step(1, 91, {"yoto_train_loss": 2.5, "yoto_grad_norm": 0.5})
     store.flush()
     at.run()
     assert problems(at) == []
-    [table] = at.dataframe
-    assert len(table.value) == before + 1 and "late alert" in set(table.value.message)
+    table = events_table([d.value for d in at.dataframe])
+    assert len(table) == before + 1 and "late alert" in set(table.message)
 
 
 def test_every_page_file_is_registered_and_tested() -> None:
@@ -285,4 +334,4 @@ def test_timeline_draws_the_context_length_when_it_changed(
     assert {int(x): v for x, v in zip(drawn.x, drawn.value, strict=True)} == pytest.approx(expect)
     yoto_runs(explorer_run.parent)
     at = visit(app(), "timeline")
-    assert len([c for c in at.get("vega_lite_chart")]) == 2
+    assert len([c for c in at.get("vega_lite_chart")]) == 3  # and the diagnosis's replays

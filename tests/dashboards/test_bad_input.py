@@ -107,7 +107,7 @@ def test_a_run_without_its_manifest_is_listed_and_drawn(run_dir_copy: Path, yoto
     visit(at, "timeline")
     assert problems(at) == []
     assert _warned(at, "Not all of this run could be read: no manifest.json")
-    assert len(at.get("vega_lite_chart")) == 2, "loss and grad norm are drawn"
+    assert len(at.get("vega_lite_chart")) == 3, "loss, grad norm and the diagnosis's replays"
     assert len(data.events_frame(run_dir_copy)) == events
     for page in PAGES:
         visit(at, page)

@@ -4,7 +4,6 @@ optimizer are restored bit-exactly, the bad data window is skipped, the run reco
 import copy
 import itertools
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,6 @@ import torch
 from tests.helpers import (
     FAST,
     make_trainer,
-    only_run,
-    subprocess_env,
-    torchrun,
     train_in_process,
 )
 from yoto import catalog, runstore
@@ -44,21 +40,29 @@ def t_last(run: Path, column: str) -> float:
 
 
 @pytest.mark.parametrize(
-    ("fault", "extra"),
+    ("fault", "extra", "cause"),
     [
-        ("lr_spike@80", []),
-        ("bad_batch@80", []),
-        ("nan_grad@80", []),
-        ("weight_blowup@80", []),
+        # the replay diagnosis (trainer/diagnose.py) tells each fault's kind: an LR spike
+        # is replayed with the schedule and comes back on other data (state); a bad batch
+        # is gone without the onset batches (data); a NaN gradient or a blown-up weight
+        # from nowhere is not repeated by a replay of the same steps (the machine)
+        ("lr_spike@80", [], "state"),
+        ("bad_batch@80", [], "data"),
+        ("nan_grad@80", [], "nondeterministic"),
+        ("weight_blowup@80", [], "nondeterministic"),
         # skip-step cannot undo an LR spike: its damage is the update of step 80 itself,
         # before any outlier shows; it leaves out the outlier updates after it, and the
         # spike that persists is still rolled back
-        ("lr_spike@80", ["optim.skip_step.enabled=true"]),
+        ("lr_spike@80", ["optim.skip_step.enabled=true"], "state"),
     ],
     ids=["lr_spike", "bad_batch", "nan_grad", "weight_blowup", "lr_spike-skip_step"],
 )
-def test_fault_is_detected_rolled_back_and_recovered(tmp_path: Path, fault: str, extra) -> None:
-    trainer, store = make_trainer(tmp_path, *CADENCE, *extra, f"faults=[{fault}]")
+def test_fault_is_detected_rolled_back_and_recovered(
+    tmp_path: Path, fault: str, extra, cause: str
+) -> None:
+    trainer, store = make_trainer(
+        tmp_path, *CADENCE, *extra, "policy.rollback.diagnose.enabled=true", f"faults=[{fault}]"
+    )
     restored = []
     original = trainer.restore
 
@@ -92,6 +96,10 @@ def test_fault_is_detected_rolled_back_and_recovered(tmp_path: Path, fault: str,
     [rb] = events_of(run, "rollback")
     data = rb["data"]
     assert data["to_step"] <= data["onset"] - 20 and data["attempt"] == 1
+    [diagnosis] = events_of(run, "diagnosis")
+    assert diagnosis["data"]["cause"] == cause == data["diagnosis"]["cause"], diagnosis["message"]
+    if cause == "state":  # the policy acts on it: the LR is cooled after the rollback
+        assert data["lr_cooldown"] == [0.5, data["to_step"] + 100]
     # one instability, one page: the rollback is the page of the fault's episode and
     # carries it; no episode wrote more than one alert (none beside the rollback)
     episode = data["episode"]
@@ -191,32 +199,6 @@ def test_clean_thousand_step_run_makes_no_intervention(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fault_on_one_rank_rolls_both_back(tmp_path: Path) -> None:
-    sets = []
-    for item in (*FAST, *CADENCE, "train.steps=110", "faults=[nan_grad@70:rank=1]"):
-        sets += ["--set", item]
-    cmd = [
-        *torchrun(2),
-        "-m",
-        "yoto.cli",
-        "train",
-        "--run-root",
-        str(tmp_path),
-        "--no-progress",
-        *sets,
-    ]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    run = only_run(tmp_path)
-    assert runstore.read_manifest(run)["status"] == "finished"
-    [rb] = events_of(run, "rollback")
-    assert rb["data"]["reason"] == "nonfinite"
-    t = runstore.read_metrics(run).to_pydict()
-    resumed = [s for a, s in zip(t["attempt"], t["step"], strict=True) if a == 1]
-    assert resumed[0] == rb["data"]["to_step"] + 1 and resumed[-1] == 110
-    assert all(math.isfinite(v) for a, v in zip(t["attempt"], t[LOSS], strict=True) if a == 1)
-
-
 def test_adaptive_batch_follows_the_noise_scale_within_bounds() -> None:
     cfg = TrainConfig.model_validate(
         {

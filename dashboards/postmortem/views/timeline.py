@@ -3,7 +3,9 @@ below them the context length when it changed (a sequence warmup, a rewarming ro
 
 A run with a rollback opens on its first incident: the steps from the checkpoint the run
 went back to until just past the rollback, so the spike that caused it and the abandoned
-branch are in plain view; "whole run" shows everything.
+branch are in plain view; "whole run" shows everything. Under an incident's charts, its
+evidence: the replay diagnosis (why it spiked, with the trajectories it compared) and the
+onset batch's suspect sequences (highest loss first, with the batch's tokens per source).
 """
 
 from pathlib import Path
@@ -12,14 +14,15 @@ import streamlit as st
 
 from yoto import catalog
 from yoto.dashboards.postmortem import charts, data, downsample, incidents, ui
+from yoto.events import EventKind, describe_ranks
 
 LOSS, GNORM, SEQ = catalog.TRAIN_LOSS.name, catalog.GRAD_NORM.name, catalog.SEQ_LEN.name
 WHOLE_RUN = "whole run"
 BRANCHES = (charts.SURVIVING, charts.ABANDONED)
 
 
-def pick_view(events) -> tuple[int, int] | None:
-    """The step window to show: an incident's (the first by default), or None for all."""
+def pick_view(events) -> incidents.Incident | None:
+    """The incident to show (the first by default), or None for the whole run."""
     found = incidents.incidents(events)
     if not found:
         return None
@@ -33,13 +36,14 @@ def pick_view(events) -> tuple[int, int] | None:
         help="an incident: from the checkpoint the run went back to until just past the "
         "rollback; zoom and pan with the mouse",
     )
-    return None if choice == WHOLE_RUN else found[choice].window
+    return None if choice == WHOLE_RUN else found[choice]
 
 
 def render(run: Path) -> None:
     fp = ui.fp(run)
     events = data.cached_events(str(run), fp)
-    window = pick_view(events)
+    incident = pick_view(events)
+    window = incident.window if incident else None
     got = data.cached_series(str(run), fp, (LOSS, GNORM, SEQ), "step", BRANCHES, window)
     if got is None or got[0].empty:
         ui.no_data("metrics")
@@ -77,7 +81,72 @@ def render(run: Path) -> None:
                 "of their attempt. " + note
             )
         st.caption("Triangles above each chart: the events (click one for its details). " + note)
+    if incident is not None:
+        evidence(events, incident)
     events_table(events)
+
+
+def evidence(events, incident: incidents.Incident) -> None:
+    """Why the incident's spike happened and what it trained on (trainer/diagnose.py)."""
+    verdict = incidents.diagnosis(events, incident)
+    found = incidents.forensics(events, incident)
+    if not verdict and not found:
+        return
+    st.subheader(f"The spike from step {incident.onset}")
+    if verdict:
+        diagnosis_view(verdict, incident.onset)
+    if found:
+        forensics_view(found)
+
+
+def diagnosis_view(verdict, onset: int) -> None:
+    """The replay's verdict beside the trajectories it compared (the rollback's short form
+    has the verdict only)."""
+    frame = incidents.trajectories(verdict)
+    left, right = st.columns([2, 3]) if not frame.empty else (st.container(), None)
+    with left:
+        st.markdown(f"**Diagnosis: {verdict.get('cause', '?')}**. {verdict.get('finding', '')}")
+        named = describe_ranks(verdict)
+        if named:
+            st.markdown(f"Suspect rank(s): **{named}**")
+        if verdict.get("advice"):
+            st.markdown(f"Advice: {verdict['advice']}")
+        st.caption(
+            f"{verdict.get('replayed_steps', '?')} steps replayed in "
+            f"{float(verdict.get('seconds') or 0):.1f} s from the checkpoint of step "
+            f"{verdict.get('checkpoint_step', '?')}"
+        )
+    if right is not None:
+        with right:
+            st.altair_chart(charts.replays(frame, onset), width="stretch")
+            st.caption(
+                "recorded: the abandoned attempt's steps; replay: the same steps again on "
+                "the same data; without_onset: replayed with the onset batches replaced."
+            )
+
+
+def forensics_view(found) -> None:
+    """The onset batch's top sequences by loss; beside them (the spike event's full form)
+    its tokens per source and the mixture's expectation."""
+    median = found.get("median_loss")
+    st.markdown(
+        f"**Suspect sequences** of the batch of step {found.get('onset', '?')}, highest loss "
+        "first" + (f" (the batch's median {median:.4g} nats)" if median is not None else "")
+    )
+    mix = incidents.source_mix(found)
+    left, right = st.columns([4, 1]) if not mix.empty else (st.container(), None)
+    with left:
+        st.dataframe(
+            incidents.suspects(found),
+            column_config={
+                "loss (nats)": st.column_config.NumberColumn(format="%.4g"),
+                "snippet": st.column_config.TextColumn(width="large"),
+            },
+        )
+    if right is not None:
+        with right:
+            st.table(mix.set_index("source").round().astype("Int64"))
+            st.caption("tokens per source: the batch's, and the mixture's expectation")
 
 
 def show_picked(state, pick: str, events) -> None:
@@ -93,6 +162,13 @@ def detail(event) -> None:
             f"**{event.kind}** at step {event.step} (attempt {event.attempt}, {event.severity})"
         )
         st.write(event.message)
+        data = event.data or {}
+        if event.kind == EventKind.DIAGNOSIS:
+            diagnosis_view(data, int(data.get("onset", event.step)))
+        elif incidents.mapping(data.get("diagnosis")):
+            diagnosis_view(data["diagnosis"], int(data.get("onset", event.step)))
+        if incidents.mapping(data.get("forensics")):
+            forensics_view(data["forensics"])
         st.json(event.data, expanded=False)
 
 
