@@ -786,7 +786,7 @@ class Trainer:
         rest = host[1 + has_norm :]
         if rest:
             return loss, grad_norm, rest[1:], bool(rest[0])
-        return loss, grad_norm, [loss], self._stopping()
+        return loss, grad_norm, [loss], self.stop_requested or time.perf_counter() > deadline
 
     def _diagnose(self, plan: Any) -> tuple[Any, Diagnosis | None]:
         """Replay diagnosis before the rollback skips (trainer/diagnose.py); returns the
