@@ -362,7 +362,7 @@ class DiagnoseConfig(Section):
     enabled: bool = Field(True, description="replay before each rollback, within the budget")
     after_onset: int = Field(2, ge=0, description="steps replayed past the onset")
     max_steps: int = Field(
-        200, ge=1, description="replayed steps per diagnosis (both replays); else not run"
+        256, ge=1, description="replayed steps per diagnosis (both replays); else not run"
     )
     max_seconds: float = Field(300.0, gt=0, description="a replay past this is cut short")
     tolerance: float | None = Field(
