@@ -682,6 +682,7 @@ class Trainer:
         )
         if self.cfg.policy.rollback.rewarm:
             self._seq_warmup_event(self.seq_len_now(), rewarm=True)
+        self._forensics = {}  # of the abandoned branch: its onset steps will be trained anew
         return done
 
     # --- diagnosis (trainer/diagnose.py) -------------------------------------------------
