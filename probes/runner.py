@@ -101,6 +101,13 @@ class ProbeRunner:
             if isinstance(probe, Attaches) and probe.name not in self.disabled:
                 probe.active(step if step % probe.every == 0 else -1)
 
+    def idle(self) -> None:
+        """Disarm every hook-based probe until the next ``begin_step``: a forward or a
+        backward outside training (spike forensics, a diagnosis's replay) is not seen."""
+        for probe in self.probes:
+            if isinstance(probe, Attaches) and probe.name not in self.disabled:
+                probe.active(-1)
+
     def on_micro_step(self, ctx: MicroStepContext) -> None:
         for probe in self._live(ctx.step):
             self._guarded(probe, lambda p=probe: self._collect(p, p.on_micro_step(ctx)))

@@ -717,7 +717,7 @@ class Trainer:
         micro_size = cfg.train.micro_batch_size
         windows = self.sampler.windows_at(trace.position, trace.batch)
         out = torch.zeros(trace.batch, dtype=torch.float64, device=info.device)
-        self.runner.begin_step(-1)  # no probe sees this forward
+        self.runner.idle()  # no probe sees this forward
         engine.eval()
         for micro in range(trace.batch // (micro_size * info.world)):
             tokens = self.sampler.micro_batch(
@@ -762,7 +762,7 @@ class Trainer:
         if trace.batch != engine.train_batch_size():
             engine.set_train_batch_size(trace.batch)
         eng.set_lr(engine, trace.lr)
-        self.runner.begin_step(-1)
+        self.runner.idle()
         windows = self.sampler.windows_at(position, trace.batch)
         work = StepWork(
             step, trace.batch, trace.seq_len, trace.lr, position, windows, time.perf_counter()
