@@ -14,6 +14,7 @@ import torch
 from yoto import catalog, runstore
 from yoto.config import Config, load_config
 from yoto.errors import RunDirError
+from yoto.events import EventKind
 from yoto.probes.spectra import TABLE, analyze, weight_matrices
 
 from . import tokenizer
@@ -207,16 +208,15 @@ def data_batch(
 
 def _spike_at(events: list[dict[str, Any]], step: int) -> dict[str, Any]:
     """The acted-on spike event whose onset (or own step) is ``step``; the newest attempt's."""
-    spikes = [
-        e for e in events if e["kind"] == "spike" and step in (e["data"].get("onset"), e["step"])
-    ]
-    if not spikes:
-        onsets = sorted({e["data"].get("onset") for e in events if e["kind"] == "spike"} - {None})
+    spikes = [e for e in events if e["kind"] == EventKind.SPIKE]
+    at = [e for e in spikes if step in (e["data"].get("onset"), e["step"])]
+    if not at:
+        onsets = sorted({e["data"].get("onset") for e in spikes} - {None})
         raise RunDirError(
             f"no spike was recorded at step {step}; spike onsets of this run: "
             f"{', '.join(map(str, onsets)) or 'none'}"
         )
-    return max(spikes, key=lambda e: (e["attempt"], e["step"]))
+    return max(at, key=lambda e: (e["attempt"], e["step"]))
 
 
 def _on_line(
@@ -233,7 +233,7 @@ def _on_line(
         return True
     for e in events:
         data = e["data"]
-        if e["kind"] == "rollback" and data.get("attempt") == saved_by:
+        if e["kind"] == EventKind.ROLLBACK and data.get("attempt") == saved_by:
             if data.get("to_step") != step:
                 return False
             try:
@@ -265,7 +265,7 @@ def diagnose_after(run_dir: str | Path, step: int) -> Any:
         (
             e
             for e in events
-            if e["kind"] == "rollback"
+            if e["kind"] == EventKind.ROLLBACK
             and e["data"].get("onset") == onset
             and e["data"].get("from_attempt") == attempt
         ),
