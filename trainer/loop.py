@@ -67,6 +67,7 @@ from .episodes import EpisodeTracker, Notice, Outcome
 from .faults import FaultInjector
 from .flops import flops_per_token, mfu, peak_flops
 from .history import Branch, History, StepTrace
+from .model import outside_prefix
 from .policy import Action, Decision, Policy, agree
 from .progress import Progress
 from .rollback import good_checkpoint, hide_abandoned, plan_rollback
@@ -729,8 +730,7 @@ class Trainer:
             logits = engine(tokens[:, :-1], None, prefix)  # (B, T, V)
             targets = tokens[:, 1:]
             if prefix is not None and not engine.module.prefix_loss:
-                inside = torch.arange(targets.size(1), device=info.device)[None, :] + 1
-                targets = targets.masked_fill(inside < prefix[:, None], -100)
+                targets = outside_prefix(targets, prefix)
             ce = F.cross_entropy(
                 logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
             )  # (B, T)

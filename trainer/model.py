@@ -69,6 +69,13 @@ def z_loss_term(
     return coefficient * (log_z.square() * counted).sum() / counted.sum().clamp(min=1.0)
 
 
+def outside_prefix(targets: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+    """targets (B, T) with those inside each sequence's prefix set to -100 (ignored):
+    position t predicts token t + 1, which is inside the prefix while t + 1 < P."""
+    inside = torch.arange(targets.size(1), device=targets.device)[None, :] + 1
+    return targets.masked_fill(inside < prefix_len[:, None], -100)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -212,9 +219,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         if prefix_len is not None and not self.prefix_loss:
-            # position t predicts token t + 1: inside the prefix while t + 1 < P
-            inside = torch.arange(T, device=idx.device)[None, :] + 1 < prefix_len[:, None]
-            targets = targets.masked_fill(inside, -100)
+            targets = outside_prefix(targets, prefix_len)
         # fp32 softmax: a bf16 log-partition over V entries loses the small differences
         flat_logits, flat_targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
         lm = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
