@@ -9,7 +9,7 @@ could loop forever).
   checkpoint saves it; a rollback or a resume restores it.
 - :class:`History`: the run's own record, which survives rollbacks: every
   :class:`~yoto.events.Rollback`, the attempt counter, which steps were unhealthy, the LR
-  cooldown, the intervention counters, the sampler position before each recent step.
+  cooldown, the intervention counters, each recent step's trace (what it trained on and measured).
   Checkpoints carry a copy so that a *resume* gets it back; a rollback keeps its own.
 
 The model, optimizer, sampler and probe windows are branch state too (the checkpoint holds
@@ -26,7 +26,6 @@ from yoto.events import EventKind, Rollback, Severity
 from yoto.probes.base import Verdict
 
 _UNHEALTHY = {EventKind.SPIKE, EventKind.OVERFLOW}
-_POSITIONS_KEPT = 100_000
 _UNHEALTHY_KEPT = 10_000
 _TRACES_KEPT = 4096  # steps back a replay diagnosis can reach (and forensics look)
 
@@ -70,8 +69,7 @@ class History:
     skipped_steps: int = 0  # updates skip-step did not apply (the data was still used)
     halted: bool = False
     seq_ramp_origin: int = 0  # training tokens at which the length ramp began (a rewarm moves it)
-    positions: dict[int, int] = field(default_factory=dict)  # step -> sampler position before
-    # the current branch's recent steps (a replayed step overwrites the abandoned one's)
+    # the current branch's recent steps (a step trained again replaces the abandoned one's)
     traces: dict[int, StepTrace] = field(default_factory=dict)
 
     # --- attempts -------------------------------------------------------------------------
@@ -125,11 +123,6 @@ class History:
         last = min(ckpt_step + healthy_steps, onset - 1)
         return not any(ckpt_step < s <= last for s in self.unhealthy)
 
-    def record_position(self, step: int, position: int) -> None:
-        self.positions[step] = position
-        if len(self.positions) > _POSITIONS_KEPT:
-            del self.positions[next(iter(self.positions))]
-
     def record_trace(self, step: int, trace: StepTrace) -> None:
         self.traces.pop(step, None)  # keep insertion order = training order
         self.traces[step] = trace
@@ -149,8 +142,7 @@ class History:
     def state_dict(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["rollbacks"] = [r.to_data() for r in self.rollbacks]
-        state["positions"] = {}  # rebuilt from the resumed steps on
-        state["traces"] = {}
+        state["traces"] = {}  # rebuilt from the resumed steps on
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -158,5 +150,4 @@ class History:
             if key in self.__dict__:
                 setattr(self, key, value)
         self.rollbacks = [Rollback.from_data(r) for r in state.get("rollbacks", [])]
-        self.positions = {}
         self.traces = {}

@@ -262,7 +262,6 @@ class Trainer:
         if batch_size != engine.train_batch_size():
             self._change_batch(step, batch_size, why)
         position = self.sampler.position
-        self.history.record_position(step, position)
         for fault in self.faults.begin_step(step, engine.module, position, batch_size):
             self.history.faults_injected += 1
             self.event(

@@ -120,7 +120,8 @@ def plan_rollback(
     if ckpt is None:
         return None
     rb = cfg.policy.rollback
-    onset_position = history.positions.get(onset, position)
+    onset_trace = history.traces.get(onset)
+    onset_position = onset_trace.position if onset_trace is not None else position
     return RollbackPlan(
         checkpoint=ckpt,
         from_step=branch.step,

@@ -6,7 +6,7 @@ from pathlib import Path
 from yoto.config import load_config
 from yoto.events import Reason
 from yoto.runstore import CheckpointDir
-from yoto.trainer.history import Branch, History
+from yoto.trainer.history import Branch, History, StepTrace
 from yoto.trainer.rollback import good_checkpoint, plan_rollback
 
 CKPTS = [CheckpointDir(s, Path(f"/nowhere/step-{s}")) for s in (20, 40, 60, 80)]
@@ -31,8 +31,13 @@ def plan(history: History, onset: int, **kw):
     )
 
 
+def drawn_at(position: int) -> StepTrace:
+    """A recorded step whose batch began at sampler ``position``."""
+    return StepTrace(position, 16, 128, 1e-3, 2.0, 1.0, (2.0,))
+
+
 def test_the_newest_good_checkpoint_min_distance_before_the_onset() -> None:
-    history = History(positions={81: 80 * 16})
+    history = History(traces={81: drawn_at(80 * 16)})
     p = plan(history, onset=81)
     # 80 is too close to the onset (min_distance 20) and not followed by 20 steps; 60 is good
     assert p.checkpoint.step == 60 and p.abandoned == (CKPTS[3],)
@@ -70,7 +75,7 @@ def test_unhealthy_and_damaged_checkpoints_are_passed_over() -> None:
 
 
 def test_the_history_keeps_what_the_rollback_did() -> None:
-    history = History(unhealthy=[50, 83], max_attempt=2, positions={81: 1296})
+    history = History(unhealthy=[50, 83], max_attempt=2, traces={81: drawn_at(1296)})
     p = plan(history, onset=81)
     assert p.attempt == 3  # above every attempt given out
     history.record_rollback(p.record(checkpoint_position=960, seconds=0.2))
