@@ -26,10 +26,10 @@ from yoto.config import load_config
 from yoto.events import Sinks
 from yoto.runstore import RunStore
 from yoto.trainer import engine as eng
+from yoto.trainer.data.sampler import Sampler
 from yoto.trainer.loop import Trainer
 from yoto.trainer.model import GPT, vocab_size
 from yoto.trainer.run import prepare
-from yoto.trainer.sampler import Sampler
 from yoto.trainer.schedule import learning_rate
 
 OVERRIDES = [

@@ -55,9 +55,9 @@ import numpy as np
 from yoto.config import Config
 
 from . import distributed
+from .data.sampler import Sampler
 from .faults import FaultInjector
 from .history import History, StepTrace
-from .sampler import Sampler
 
 _BASELINE_STEPS = 16  # recorded steps before the onset whose median is the normal level
 CUDA_TOLERANCE = 1e-3

@@ -61,6 +61,8 @@ from . import distributed
 from . import engine as eng
 from .batch_control import BatchController, BatchReason
 from .checkpoint import CheckpointDir, Checkpointer
+from .data import tokenizer as tokenizers
+from .data.sampler import Sampler
 from .diagnose import Cause, Diagnoser, Diagnosis, spike_forensics, trained_tokens
 from .distributed import DistInfo
 from .episodes import EpisodeTracker, Notice, Outcome
@@ -71,9 +73,7 @@ from .model import outside_prefix
 from .policy import Action, Decision, Policy, agree
 from .progress import Progress
 from .rollback import good_checkpoint, hide_abandoned, plan_rollback
-from .sampler import Sampler
 from .schedule import SeqRamp, learning_rate
-from .tokenizer import decode
 
 
 @dataclass
@@ -120,6 +120,7 @@ class Trainer:
         self.sinks = sinks
         self.checkpointer = checkpointer
         self.runner = runner or ProbeRunner()
+        self.tokenizer: tokenizers.Tokenizer = tokenizers.ByteTokenizer()  # run.assemble sets it
         self.branch = Branch()  # rolled back with the checkpoint
         self.history = History()  # survives rollbacks
         self.stop_requested = False  # set by a signal handler; agreed by all ranks
@@ -696,7 +697,7 @@ class Trainer:
         for v in verdicts:
             if v.kind == EventKind.SPIKE and v.reason is not None:
                 if v.onset not in self._forensics:
-                    found = spike_forensics(self, v.onset, decode)
+                    found = spike_forensics(self, v.onset, self.tokenizer.decode)
                     if found is None:
                         out.append(v)
                         continue

@@ -23,20 +23,23 @@ from torch import nn
 from yoto.config import Config, ModelConfig
 from yoto.errors import ConfigError
 
-from . import tokenizer
 from .attention import SelfAttention
+from .data import tokenizer
 
 GLU = ("geglu", "swiglu")
 
 
-def vocab_size(cfg: Config) -> int:
+def vocab_size(cfg: Config, tok: tokenizer.Tokenizer | None = None) -> int:
     """The embedding's rows: ``model.vocab_size``, or the tokenizer's vocabulary padded to a
-    multiple of 64 (the model's vocabulary follows the tokenizer's, never falls short)."""
-    size = cfg.model.vocab_size or tokenizer.padded_vocab_size()
-    if size < tokenizer.VOCAB_SIZE:
+    multiple of 64 (the model's vocabulary follows the tokenizer's, never falls short).
+    ``tok`` defaults to data.tokenizer (a run's own copy: ``tokenizer.for_run``)."""
+    tok = tok or tokenizer.cached(cfg.data.tokenizer, cfg.data.eos)
+    size = cfg.model.vocab_size or tokenizer.padded(tok.vocab_size)
+    if size < tok.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={size} is smaller than the byte tokenizer's "
-            f"{tokenizer.VOCAB_SIZE} tokens; leave it unset or give at least that"
+            f"model.vocab_size={size} is smaller than the vocabulary of data.tokenizer "
+            f"{tok.spec!r} ({tok.vocab_size:,} tokens); leave it unset (it follows the "
+            f"tokenizer) or give at least {tok.vocab_size:,}"
         )
     return size
 

@@ -17,14 +17,24 @@ from yoto.errors import RunDirError
 from yoto.events import EventKind
 from yoto.probes.spectra import TABLE, analyze, weight_matrices
 
-from . import tokenizer
 from .checkpoint import verify
-from .corpus import load_corpus
+from .data import tokenizer
+from .data.corpus import load_corpus
+from .data.sampler import Sampler
 from .diagnose import rank_of, snippet, source_mix, trained_tokens
 from .faults import FaultInjector
 from .history import StepTrace
 from .model import GPT, vocab_size
-from .sampler import Sampler
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """A run's saved config, its tokenizer read from the run's own copy (the file the
+    config named may have moved or changed since)."""
+    cfg = load_config(file=Path(run_dir) / runstore.CONFIG)
+    copy = Path(run_dir) / tokenizer.RUN_FILE
+    if copy.is_file():
+        cfg.data.tokenizer = str(copy)
+    return cfg
 
 
 def checkpoint_model(run_dir: str | Path, step: int) -> tuple[GPT, dict[str, Any]]:
@@ -38,7 +48,7 @@ def checkpoint_model(run_dir: str | Path, step: int) -> tuple[GPT, dict[str, Any
     reason = verify(ckpts[step])
     if reason is not None:
         raise RunDirError(f"checkpoint step-{step} cannot be used: {reason}")
-    cfg = load_config(file=run_dir / runstore.CONFIG)
+    cfg = run_config(run_dir)
     model = GPT(cfg.model, vocab_size(cfg))
     states = torch.load(
         ckpts[step].path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
@@ -60,7 +70,7 @@ def spectra_for_checkpoint(
     """weightwatcher on checkpoint ``step``'s weight matrices, the same analysis the
     spectra probe runs; appended to the run's spectra/ table unless ``write`` is false."""
     model, client = checkpoint_model(run_dir, step)
-    cfg = load_config(file=Path(run_dir) / runstore.CONFIG)
+    cfg = run_config(run_dir)
     weights = {n: w.detach().numpy().copy() for n, w in weight_matrices(model).items()}
     rows = analyze(weights, cfg.probes.spectra.min_evals, cfg.probes.spectra.svd_method)
     if write:
@@ -91,11 +101,13 @@ def sample(
         step = complete[-1]
     model, _ = checkpoint_model(run_dir, step)
     model.eval()
-    ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.EOS])
+    cfg = run_config(run_dir)
+    tok = tokenizer.for_run(run_dir, cfg.data.eos)
+    ids = tok.encode(prompt) if prompt else np.array([tok.eos_id])
     idx = torch.from_numpy(ids.astype(np.int64))[None, :]
     torch.manual_seed(seed)
     out = model.generate(idx, tokens, temperature=temperature, top_k=top_k)
-    return step, tokenizer.decode(out[0, idx.size(1) :].numpy())
+    return step, tok.decode(out[0, idx.size(1) :].numpy())
 
 
 # --- the data a step trained on, and a diagnosis after the fact -----------------------------
@@ -169,12 +181,13 @@ def data_batch(
     (``replaced``: a bad_batch fault put random bytes there); and the batch's tokens per
     source beside the mixture's expected share."""
     run_dir = runstore.require_run_dir(run_dir)
-    cfg = load_config(file=run_dir / runstore.CONFIG)
+    cfg = run_config(run_dir)
     world = int(runstore.read_manifest(run_dir).get("world_size") or 1)
     steps = _StepRows(run_dir)
     attempt = steps.attempt_for(step, attempt)
     trace = steps.trace(step, attempt, cfg)
     sampler, faults, _ = _run_data(run_dir, cfg)
+    decode = tokenizer.for_run(run_dir, cfg.data.eos).decode
     micro = cfg.train.micro_batch_size
     windows = sampler.windows_at(trace.position, trace.batch)
     replaced = set(faults.corrupted(trace.position, trace.batch))
@@ -192,7 +205,7 @@ def data_batch(
                 "offset": place.offset,
                 "documents": place.documents,
                 "replaced": trace.position + i in replaced,
-                "snippet": snippet(tokens, snippet_chars, tokenizer.decode),
+                "snippet": snippet(tokens, snippet_chars, decode),
             }
         )
     return {
@@ -257,7 +270,7 @@ def diagnose_after(run_dir: str | Path, step: int) -> Any:
     from .diagnose import Diagnoser
 
     run_dir = runstore.require_run_dir(run_dir)
-    cfg = load_config(file=run_dir / runstore.CONFIG)
+    cfg = run_config(run_dir)
     events = runstore.read_events(run_dir)
     spike = _spike_at(events, step)
     onset, attempt = int(spike["data"].get("onset", spike["step"])), int(spike["attempt"])

@@ -22,7 +22,7 @@ import torch
 
 from yoto import runstore
 from yoto.config import Config
-from yoto.errors import RunFailed, YotoError
+from yoto.errors import DataError, RunFailed, YotoError
 from yoto.events import Event, EventKind, LiveSink, Severity, Sinks
 from yoto.probes.suite import build_runner
 from yoto.runstore import RunStore
@@ -30,13 +30,14 @@ from yoto.runstore import RunStore
 from . import distributed
 from . import engine as eng
 from .checkpoint import CheckpointDir, Checkpointer, newest_valid
-from .corpus import Corpus, load_corpus
+from .data import tokenizer as tokenizers
+from .data.corpus import Corpus, load_corpus
+from .data.sampler import Sampler, validation_batches
 from .faults import FaultInjector
 from .history import Branch
 from .loop import Trainer
 from .model import GPT, vocab_size
 from .progress import Progress
-from .sampler import Sampler, validation_batches
 
 
 class Prepared(NamedTuple):
@@ -47,6 +48,7 @@ class Prepared(NamedTuple):
     sampler: Sampler
     val: dict[str, list[torch.Tensor]]  # source -> this rank's validation batches
     model: GPT
+    tokenizer: tokenizers.Tokenizer
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -56,8 +58,9 @@ def prepare(cfg: Config) -> Prepared:
     eng.check_model(cfg, device)
     info = distributed.setup(device)
     eng.deepspeed_config(cfg, info.world)  # batch divisibility for this world size
-    vocab = vocab_size(cfg)
-    corpus = load_corpus(cfg.data, min_tokens=cfg.model.seq_len + 1)
+    tok = tokenizers.load(cfg.data.tokenizer, cfg.data.eos)
+    vocab = vocab_size(cfg, tok)
+    corpus = load_corpus(cfg.data, min_tokens=cfg.model.seq_len + 1, tok=tok)
     sampler = Sampler(corpus, cfg.model.seq_len, cfg.train.seed, cfg.data.alpha)
     val = {
         source: validation_batches(
@@ -72,7 +75,7 @@ def prepare(cfg: Config) -> Prepared:
     }
     FaultInjector(cfg.faults, info.rank, cfg.train.precision)  # bad --inject specs fail now
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    return Prepared(info, corpus, sampler, val, GPT(cfg.model, vocab))
+    return Prepared(info, corpus, sampler, val, GPT(cfg.model, vocab), tok)
 
 
 def assemble(
@@ -88,9 +91,11 @@ def assemble(
     checkpointer = Checkpointer(
         Path(run_dir) / runstore.CHECKPOINTS, cfg.checkpoint.keep_last, prepared.info.rank
     )
-    return Trainer(
+    trainer = Trainer(
         cfg, engine, prepared.sampler, prepared.val, prepared.info, sinks, checkpointer, runner
     )
+    trainer.tokenizer = prepared.tokenizer
+    return trainer
 
 
 def make_trainer(
@@ -287,16 +292,35 @@ def _open_store(cfg: Config, prepared: Prepared, record: RecordRequest) -> RunSt
         "parameters": model.num_params(non_embedding=False),
         "non_embedding_parameters": model.num_params(),
         "data": prepared.corpus.token_counts(),
+        "tokenizer": tokenizers.describe(prepared.tokenizer),
     }
     kwargs = {
         "flush_every_steps": cfg.log.flush_every_steps,
         "flush_every_seconds": cfg.log.flush_every_seconds,
     }
     if record.resume is not None:
+        _same_tokenizer(record.resume, prepared.tokenizer)
         store = RunStore.reopen(record.resume, extra=extra, **kwargs)
         runstore.atomic_write_bytes(store.path / runstore.CONFIG, cfg.to_yaml().encode())
         return store
-    return RunStore.create(record.run_root, record.name, cfg.to_yaml(), extra=extra, **kwargs)
+    store = RunStore.create(record.run_root, record.name, cfg.to_yaml(), extra=extra, **kwargs)
+    kept = prepared.tokenizer.file_bytes()
+    if kept is not None:  # resume, yoto sample and evaluation read this copy
+        runstore.atomic_write_bytes(store.path / tokenizers.RUN_FILE, kept)
+    return store
+
+
+def _same_tokenizer(run_dir: str | Path, tok: tokenizers.Tokenizer) -> None:
+    """A resume must tokenize as the run did: refused (nothing written) otherwise."""
+    manifest = runstore.read_manifest(run_dir)
+    then = manifest.get("tokenizer") or {"spec": "bytes", "digest": "bytes"}
+    if then["digest"] != tok.digest:
+        raise DataError(
+            f"resume refused: {run_dir} trained with tokenizer {then['spec']!r} "
+            f"({then['digest']}), but data.tokenizer is now {tok.spec!r} ({tok.digest}); "
+            f"resume with data.tokenizer={Path(run_dir) / tokenizers.RUN_FILE} (the run's "
+            "copy) or start a new run"
+        )
 
 
 def _resume(trainer: Trainer, run_dir: Path) -> None:

@@ -159,8 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = runs_sub.add_parser("show", help="one run: status, progress, losses, events, checkpoints")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
-    data = sub.add_parser("data", help="the training data as a run saw it")
+    data = sub.add_parser("data", help="prepare training data; the data as a run saw it")
     data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "prepare",
+        help="tokenize data.paths once into memory-mapped token files (train on --out)",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="the prepared directory")
+    p.add_argument(
+        "--workers", type=int, help="tokenizer processes (default: one per CPU core; 0 = none)"
+    )
+    p.add_argument("--force", action="store_true", help="replace what --out holds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = data_sub.add_parser("batch", help="the sequences one step trained on")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, required=True)
@@ -173,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, required=True, help="the spike's onset step")
     p.add_argument("--json", action="store_true")
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on data.paths")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    p = tok_sub.add_parser("train", help="train a byte-level BPE; use it as data.tokenizer")
+    _add_config_args(p)
+    p.add_argument("--vocab", type=int, required=True, help="vocabulary size, e.g. 32000")
+    p.add_argument("--out", required=True, metavar="FILE", help="tokenizer.json to write")
+    p.add_argument("--min-frequency", type=int, default=2, help="a merge's least count")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_dashboards_parser(sub)
     _add_scaling_parsers(sub)
     return parser
@@ -733,6 +752,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "prepare":
+        return _cmd_data_prepare(args)
     from yoto.trainer.offline import data_batch
 
     got = data_batch(args.run_dir, args.step, args.attempt, snippet_chars=args.snippet)
@@ -760,6 +781,51 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from yoto.trainer.data.prepare import prepare
+
+    cfg = resolve_config(args)
+    got = prepare(
+        cfg, args.out, workers=args.workers, force=args.force, progress=not args.no_progress
+    )
+    sources = got.manifest["sources"]
+    if got.up_to_date:
+        print(f"{got.out}: already prepared with this config ({len(sources)} sources)")
+    else:
+        print(
+            f"{got.out}: {got.bytes / 1e6:.1f} MB of text in {got.seconds:.1f} s "
+            f"({got.mb_per_second:.2f} MB/s with {got.workers or 1} worker(s))"
+        )
+    for name, rec in sorted(sources.items()):
+        print(
+            f"  {name:16s} {rec['train_tokens']:>14,d} train tokens ({rec['train_docs']:,} "
+            f"documents), {rec['val_tokens']:,} validation tokens ({rec['val_docs']:,})"
+        )
+    print(f"train on it: --set 'data.paths=[{got.out}]' --set data.tokenizer={cfg.data.tokenizer}")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from yoto.trainer.data import tokenizer as tokenizers
+    from yoto.trainer.data.corpus import raw_documents
+
+    cfg = resolve_config(args)
+    docs = raw_documents(cfg.data, cfg.data.paths)
+    tok = tokenizers.train_bpe(
+        tokenizers.texts_of(docs),
+        args.vocab,
+        args.out,
+        show_progress=not args.no_progress,
+        min_frequency=args.min_frequency,
+    )
+    print(
+        f"{args.out}: byte-level BPE, {tok.vocab_size:,} tokens, end of document "
+        f"{tok.eos_token!r} = {tok.eos_id} ({tok.digest[:19]})"
+    )
+    print(f"train with it: --set data.tokenizer={args.out}")
+    return 0
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from yoto.trainer.offline import diagnose_after
 
@@ -781,6 +847,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 COMMANDS = {
     "data": cmd_data,
     "diagnose": cmd_diagnose,
+    "tokenizer": cmd_tokenizer,
     "sweep": cmd_sweep,
     "scaling": cmd_scaling,
     "train": cmd_train,

@@ -101,6 +101,17 @@ class DataConfig(Section):
         ".parquet; 'name=path' names the source. Empty: the Python standard library's "
         "own sources and docs",
     )
+    tokenizer: str = Field(
+        "bytes",
+        description="'bytes' (256 byte values + end-of-document), or the path of a "
+        "Hugging Face tokenizer.json (or a folder holding one); `yoto tokenizer train` "
+        "makes a byte-level BPE",
+    )
+    eos: str | None = Field(
+        None,
+        description="end-of-document token of a tokenizer file; unset: the first of "
+        "<|endoftext|>, </s>, <|end_of_text|>, <eos> in its vocabulary",
+    )
     text_field: str = "text"
     source_field: str = "source"
     val_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="held out per source")

@@ -14,10 +14,10 @@ from yoto import catalog, runstore
 from yoto.config import ModelConfig, load_config
 from yoto.errors import ConfigError
 from yoto.trainer.attention import SelfAttention, alibi_slopes
-from yoto.trainer.corpus import Corpus, SourceSplit
+from yoto.trainer.data.corpus import Corpus, SourceSplit
+from yoto.trainer.data.sampler import Sampler
 from yoto.trainer.flops import flops_per_token, mfu
 from yoto.trainer.model import GPT, mlp_hidden, norm_factory
-from yoto.trainer.sampler import Sampler
 
 POSITIONS = ["learned", "sinusoidal", "rotary", "alibi", "none"]
 PATTERNS = ["causal", "prefix"]

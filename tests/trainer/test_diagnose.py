@@ -21,7 +21,7 @@ from tests.helpers import (
 )
 from yoto import catalog, runstore
 from yoto.config import load_config
-from yoto.trainer.corpus import stdlib_documents
+from yoto.trainer.data.corpus import stdlib_documents
 from yoto.trainer.diagnose import (
     Cause,
     Trajectory,

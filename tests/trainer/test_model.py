@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from yoto.config import ModelConfig, load_config
-from yoto.trainer import tokenizer
+from yoto.trainer.data import tokenizer
 from yoto.trainer.model import GPT, non_embedding_parameters, vocab_size
 
 

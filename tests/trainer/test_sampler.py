@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from yoto.errors import DataError
-from yoto.trainer.corpus import Corpus, SourceSplit
-from yoto.trainer.sampler import Sampler, validation_batches
+from yoto.trainer.data.corpus import Corpus, SourceSplit
+from yoto.trainer.data.sampler import Sampler, validation_batches
 
 
 def corpus(sizes=(1000, 300), seq_len=8) -> Corpus:

@@ -64,7 +64,7 @@ def test_presets_command(capsys) -> None:
         ),
         (
             ["--set", "model.vocab_size=100"],
-            "model.vocab_size=100 is smaller than the byte tokenizer",
+            "model.vocab_size=100 is smaller than the vocabulary of data.tokenizer",
         ),
         (["--set", "train.device=cuda"], "train.device='cuda' but CUDA is not available"),
         (

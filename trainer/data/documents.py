@@ -1,33 +1,24 @@
-"""Training text: the default corpus, user files, and the per-source train/validation split.
+"""Documents: the default corpus and the user's text files, JSONL and Parquet.
 
 The default corpus is text already on every machine: the Python standard library's own
 sources (source ``code``) and its documentation (``prose``: the pydoc topic pages and the
 library's .txt/.rst files). Users point ``data.paths`` at their own text files or folders,
 JSONL (a ``text`` field, an optional ``source`` field) or Parquet (same columns).
-
-Each source becomes one token stream (documents joined by EOS). A few whole documents per
-source, picked by a stable hash of their id, are held out for validation, so validation
-text never appears in training.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from yoto.config import DataConfig
 from yoto.errors import DataError
-
-from . import tokenizer
 
 _NAMED = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)=(?P<path>.+)$")
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git"}
@@ -38,30 +29,6 @@ class Document:
     source: str
     id: str  # stable across runs: a path, or path:line for JSONL
     data: bytes
-
-
-@dataclass
-class SourceSplit:
-    name: str
-    train: np.ndarray  # token ids, documents joined by EOS
-    val: np.ndarray
-    train_docs: int = 0
-    val_docs: int = 0
-    # the training stream's document index (spike forensics, ``yoto data batch``): where
-    # each document starts in ``train`` and its stable id; empty when not known
-    doc_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    doc_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Corpus:
-    sources: dict[str, SourceSplit] = field(default_factory=dict)
-
-    def token_counts(self) -> dict[str, dict[str, int]]:
-        return {
-            s.name: {"train_tokens": len(s.train), "val_tokens": len(s.val)}
-            for s in self.sources.values()
-        }
 
 
 # --- documents ----------------------------------------------------------------------------
@@ -103,13 +70,19 @@ def _walk(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def user_documents(cfg: DataConfig) -> Iterator[Document]:
-    for spec in cfg.paths:
-        match = _NAMED.match(spec)
-        name, pattern = (match.group("name"), match.group("path")) if match else (None, spec)
-        paths = _expand(pattern)
+def named(spec: str) -> tuple[str | None, str]:
+    """A data.paths entry as (source name or None, path or pattern)."""
+    match = _NAMED.match(spec)
+    return (match.group("name"), match.group("path")) if match else (None, spec)
+
+
+def user_documents(cfg: DataConfig, specs: list[str] | None = None) -> Iterator[Document]:
+    """The documents of raw-text entries of data.paths (all of them by default)."""
+    for spec in cfg.paths if specs is None else specs:
+        name, pattern = named(spec)
+        paths = expand(pattern)
         for path in paths:
-            default_source = name or _source_name(path)
+            default_source = name or source_name(path)
             if path.is_dir():
                 files = [
                     p for p in _walk(path) if p.suffix.lower() in cfg.extensions and p.is_file()
@@ -125,7 +98,7 @@ def user_documents(cfg: DataConfig) -> Iterator[Document]:
                 yield from _file_documents(path, default_source, cfg, forced=name)
 
 
-def _expand(pattern: str) -> list[Path]:
+def expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if any(ch in pattern for ch in "*?["):
         matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
@@ -135,12 +108,14 @@ def _expand(pattern: str) -> list[Path]:
     if not path.exists():
         raise DataError(
             f"data path {pattern!r} (data.paths) does not exist; give text files or "
-            f"folders, .jsonl or .parquet files, optionally as name=path"
+            "folders, .jsonl or .parquet files, directories made by `yoto data prepare`, "
+            "or Megatron indexed datasets (PREFIX for PREFIX.bin + PREFIX.idx), "
+            "optionally as name=path"
         )
     return [path]
 
 
-def _source_name(path: Path) -> str:
+def source_name(path: Path) -> str:
     name = path.name if path.is_dir() else path.stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "text"
 
@@ -263,86 +238,21 @@ def _parquet_documents(
         yield Document(forced or str(source or default_source), f"{path}#{row}", text.encode())
 
 
-# --- splitting ----------------------------------------------------------------------------
-
-
-def load_corpus(cfg: DataConfig, min_tokens: int = 2) -> Corpus:
-    """Read the documents of every source and split each into train/val token streams.
-
-    ``min_tokens`` is the smallest stream the sampler can use (seq_len + 1); a source too
-    small for it is an error that names the source.
-    """
-    docs = user_documents(cfg) if cfg.paths else stdlib_documents()
-    where = ", ".join(cfg.paths) if cfg.paths else "the Python standard library"
-    by_source = _group(docs, cfg.max_bytes_per_source)
-    if not by_source:
-        raise DataError(f"no text found in {where} (data.paths)")
-    corpus = Corpus()
-    for name in sorted(by_source):
-        corpus.sources[name] = _split(name, by_source[name], cfg.val_fraction, min_tokens)
-    return corpus
-
-
-def _group(docs: Iterable[Document], cap: int | None) -> dict[str, list[Document]]:
-    by_source: dict[str, list[Document]] = {}
-    sizes: dict[str, int] = {}
-    for doc in docs:
-        if not doc.data:
-            continue
-        if cap is not None and sizes.get(doc.source, 0) >= cap:
-            continue
-        by_source.setdefault(doc.source, []).append(doc)
-        sizes[doc.source] = sizes.get(doc.source, 0) + len(doc.data)
-    return by_source
-
-
-def _stable_order(doc: Document) -> str:
-    return hashlib.sha1(doc.id.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _split(name: str, docs: list[Document], val_fraction: float, min_tokens: int) -> SourceSplit:
-    total = sum(len(d.data) + 1 for d in docs)
-    if total < 2 * min_tokens:
-        raise DataError(
-            f"data source {name!r} has {total:,} tokens; it needs at least {2 * min_tokens:,} "
-            f"(model.seq_len + 1 each for training and validation)"
+def input_bytes(cfg: DataConfig, specs: list[str] | None = None) -> int:
+    """Bytes of the files the documents come from (a progress bar's total), without reading
+    them: the standard library's sizes when data.paths is empty."""
+    if specs is None and not cfg.paths:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        return sum(
+            p.stat().st_size for p in _walk(root) if p.suffix.lower() in (".py", ".txt", ".rst")
         )
-    if len(docs) == 1:  # one document: hold out its tail
-        stream, starts = _join(docs)
-        cut = min(int(len(stream) * (1 - val_fraction)), len(stream) - min_tokens)
-        cut = max(cut, min_tokens)
-        return SourceSplit(name, stream[:cut], stream[cut:], 1, 0, starts, [docs[0].id])
-    ordered = sorted(docs, key=_stable_order)
-    want = max(min_tokens, int(total * val_fraction))
-    val, size = [], 0
-    for doc in ordered[:-1]:  # keep at least one training document
-        if size >= want:
-            break
-        val.append(doc)
-        size += len(doc.data) + 1
-    val_ids = {d.id for d in val}
-    train = [d for d in docs if d.id not in val_ids]  # training keeps the corpus order
-    (train_stream, train_starts), (val_stream, _) = _join(train), _join(val)
-    if len(val_stream) < min_tokens or len(train_stream) < min_tokens:
-        # documents too uneven to split whole; fall back to the tail
-        stream, starts = _join(docs)
-        cut = len(stream) - max(want, min_tokens)
-        kept = int(np.searchsorted(starts, cut, side="left"))  # documents starting before it
-        ids = [d.id for d in docs][:kept]
-        return SourceSplit(name, stream[:cut], stream[cut:], len(docs), 0, starts[:kept], ids)
-    return SourceSplit(
-        name, train_stream, val_stream, len(train), len(val), train_starts, [d.id for d in train]
-    )
-
-
-def _join(docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
-    """The documents' tokens joined, each followed by EOS, and where each one starts."""
-    parts = []
-    eos = np.array([tokenizer.EOS], dtype=tokenizer.TOKEN_DTYPE)
-    for doc in docs:
-        parts.append(tokenizer.encode(doc.data))
-        parts.append(eos)
-    lengths = np.array([len(p) + 1 for p in parts[::2]], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(docs) else lengths
-    stream = np.concatenate(parts) if parts else np.empty(0, dtype=tokenizer.TOKEN_DTYPE)
-    return stream, starts.astype(np.int64)
+    total = 0
+    for spec in cfg.paths if specs is None else specs:
+        for path in expand(named(spec)[1]):
+            files = (
+                [p for p in _walk(path) if p.suffix.lower() in cfg.extensions]
+                if path.is_dir()
+                else [path]
+            )
+            total += sum(p.stat().st_size for p in files if p.is_file())
+    return total

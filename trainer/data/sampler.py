@@ -1,10 +1,12 @@
 """Deterministic, resumable, skippable packed-sequence sampler.
 
-Each source's training stream is cut into windows of ``seq_len + 1`` tokens (inputs and
-shifted targets). Sequence ``k`` of the run is a pure function of ``(seed, k)``: epoch
-``k // N`` is a seeded permutation of all N windows, so sources are mixed in proportion to
-their size. The sampler's whole state is one integer, ``position`` (sequences consumed):
-saving it resumes bit-exactly, and skipping bad data after a rollback is ``position += n``.
+Each source's training stream (an array, or a memory map of a prepared or Megatron
+dataset) is cut into windows of ``seq_len + 1`` tokens (inputs and shifted targets).
+Sequence ``k`` of the run is a pure function of ``(seed, k)``: epoch ``k // N`` is a
+seeded permutation of all N windows (computed index by index, permutation.py: no array of
+N is made), so sources are mixed in proportion to their size. The sampler's whole state
+is one integer, ``position`` (sequences consumed): saving it resumes bit-exactly, and
+skipping bad data after a rollback is ``position += n``.
 
 An optimizer step consumes the next ``global_batch`` sequences; micro-batch ``m`` of rank
 ``r`` gets the slice ``[(m * world + r) * micro, ... + micro)`` of them, so the data a step
@@ -22,8 +24,11 @@ import torch
 from yoto.errors import DataError
 
 from .corpus import Corpus
+from .permutation import Permutation
+from .tokenizer import BYTES
 
 _BLOCK = 4096  # source draws of the mixture are made this many at a time
+_BEFORE_WAVE_2 = {"alpha": 1.0, "tokenizer": BYTES}  # what older checkpoints did not record
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,70 +44,62 @@ class Place:
 
 
 class Sampler:
+    """Windows over the sources' training streams (arrays or memory maps), drawn in a
+    seeded order that is computed, not stored: nothing here grows with the corpus but the
+    per-source tables (a few numbers per source)."""
+
     def __init__(self, corpus: Corpus, seq_len: int, seed: int, alpha: float = 1.0) -> None:
         self.seq_len = seq_len
         self.seed = seed
         self.alpha = alpha
-        streams = [s.train for s in corpus.sources.values()]
+        self.tokenizer = corpus.tokenizer
+        self.splits = list(corpus.sources.values())
         self.sources = list(corpus.sources)
-        self.tokens = np.concatenate(streams)
-        counts = np.array([max(0, (len(s) - 1) // seq_len) for s in streams], dtype=np.int64)
+        self.streams = [s.train for s in self.splits]
+        counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.streams], dtype=np.int64)
         for name, count in zip(self.sources, counts, strict=True):
             if count == 0:
                 raise DataError(
                     f"data source {name!r} is shorter than one training sequence "
                     f"(model.seq_len + 1 = {seq_len + 1} tokens)"
                 )
-        offsets = np.concatenate([[0], np.cumsum([len(s) for s in streams])[:-1]])
-        # start token of every window, source by source
-        self.starts = np.concatenate(
-            [
-                off + np.arange(n, dtype=np.int64) * seq_len
-                for off, n in zip(offsets, counts, strict=True)
-            ]
-        )
-        self.window_source = np.repeat(np.arange(len(streams)), counts)
-        # the document index over the joined streams (global token offsets, ids)
-        splits = list(corpus.sources.values())
-        starts = [np.asarray(s.doc_starts, dtype=np.int64) for s in splits]
-        self.doc_starts = np.concatenate(
-            [np.zeros(0, dtype=np.int64)] + [o + d for o, d in zip(offsets, starts, strict=True)]
-        )
-        self.doc_ids = [i for s in splits for i in s.doc_ids]
-        self._stream_starts = offsets
+        self._windows_per_source = counts
+        self._first_window = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self._num_windows = int(counts.sum())
         self.position = 0
-        self._epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self._perms: dict[tuple[int, ...], Permutation] = {}
         # the temperature mixture (alpha != 1): p_i ~ n_i^alpha over the sources' tokens
-        sizes = np.array([len(s) for s in streams], dtype=np.float64)
+        sizes = np.array([len(s) for s in self.streams], dtype=np.float64)
         weights = sizes**alpha
         self.probs = weights / weights.sum()
-        self._windows_per_source = counts
-        self._first_window = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self._cursor = 0  # the mixture's draw counts below are for positions < cursor
-        self._drawn = np.zeros(len(streams), dtype=np.int64)
         self._block: tuple[int, np.ndarray] | None = None
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        # draws per source before each mixture block (grows with the run's position / 4096)
+        self._before_block: list[np.ndarray] = [np.zeros(len(self.streams), dtype=np.int64)]
 
     @property
     def num_windows(self) -> int:
-        return len(self.starts)
+        return self._num_windows
+
+    def _perm(self, *key: int) -> Permutation:
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            n = self._num_windows if len(key) == 1 else int(self._windows_per_source[key[1]])
+            self._perms[key] = Permutation(n, [self.seed, *key])
+        return self._perms[key]
 
     def _windows(self, first: int, count: int) -> np.ndarray:
-        """Window indices of sequences [first, first + count) of the run."""
+        """Window indices of sequences [first, first + count) of the run: epoch ``k // N``
+        is a seeded permutation of all N windows."""
         if self.alpha != 1.0:
             return self._mixture(first, count)
         out = np.empty(count, dtype=np.int64)
-        n = self.num_windows
+        n = self._num_windows
         done = 0
         while done < count:
-            k = first + done
-            epoch, offset = divmod(k, n)
-            if epoch != self._epoch:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-                self._epoch = epoch
+            epoch, offset = divmod(first + done, n)
             take = min(count - done, n - offset)
-            out[done : done + take] = self._perm[offset : offset + take]
+            out[done : done + take] = self._perm(epoch)(np.arange(offset, offset + take))
             done += take
         return out
 
@@ -123,41 +120,40 @@ class Sampler:
             done += take
         return out
 
+    def _drawn_before(self, k: int) -> np.ndarray:
+        """How many of sequences [0, k) each source gave (a sum over whole blocks, kept,
+        and the part of block k // _BLOCK before k)."""
+        block, offset = divmod(k, _BLOCK)
+        while len(self._before_block) <= block:
+            b = len(self._before_block) - 1
+            self._before_block.append(
+                self._before_block[b] + np.bincount(self._choices(b), minlength=len(self.probs))
+            )
+        head = np.bincount(self._choices(block)[:offset], minlength=len(self.probs))
+        return self._before_block[block] + head
+
     def _mixture(self, first: int, count: int) -> np.ndarray:
         """Temperature sampling (mT5, XLM-R): sequence k's source is drawn with probability
         p_i from a generator seeded by (seed, k // _BLOCK); the j-th draw from a source is
         window j of a seeded per-source permutation (a new one each pass over the source).
-        Still a pure function of (seed, k): the draw counts before ``first`` are replayed
-        when the sampler jumps back (resume, rollback)."""
-        if first < self._cursor:
-            self._cursor, self._drawn = 0, np.zeros_like(self._drawn)
-        if first > self._cursor:
-            self._drawn += np.bincount(
-                self._sources(self._cursor, first - self._cursor), minlength=len(self.probs)
-            )
+        A pure function of (seed, k)."""
         sources = self._sources(first, count)
+        drawn = self._drawn_before(first)
         out = np.empty(count, dtype=np.int64)
         for s in np.unique(sources):
             where = np.flatnonzero(sources == s)
-            draws = self._drawn[s] + np.arange(len(where))
-            n = self._windows_per_source[s]
+            draws = drawn[s] + np.arange(len(where))
+            n = int(self._windows_per_source[s])
             for epoch in np.unique(draws // n):
                 sel = draws // n == epoch
-                out[where[sel]] = (
-                    self._first_window[s] + self._perm_of(int(s), int(epoch))[draws[sel] % n]
-                )
-            self._drawn[s] += len(where)
-        self._cursor = first + count
+                perm = self._perm(2, int(s), int(epoch))
+                out[where[sel]] = self._first_window[s] + perm(draws[sel] % n)
         return out
 
-    def _perm_of(self, source: int, epoch: int) -> np.ndarray:
-        key = (source, epoch)
-        if key not in self._perms:
-            if len(self._perms) > 64:
-                self._perms.clear()
-            n = self._windows_per_source[source]
-            self._perms[key] = np.random.default_rng([self.seed, 2, source, epoch]).permutation(n)
-        return self._perms[key]
+    def _locate(self, window: int) -> tuple[int, int]:
+        """(source index, start token in that source's stream) of a window."""
+        src = int(np.searchsorted(self._first_window, window, side="right")) - 1
+        return src, (window - int(self._first_window[src])) * self.seq_len
 
     def next_global_batch(self, size: int) -> np.ndarray:
         """Window indices of the next optimizer step's ``size`` sequences; advances."""
@@ -186,31 +182,26 @@ class Sampler:
         length = self.seq_len if length is None else length
         if not 0 < length <= self.seq_len:
             raise ValueError(f"sequence length {length} is outside [1, {self.seq_len}]")
-        rows = self.starts[chosen][:, None] + np.arange(length + 1)[None, :]
-        return torch.from_numpy(self.tokens[rows].astype(np.int64))
+        rows = np.stack([self.window(int(w), length) for w in chosen])
+        return torch.from_numpy(rows)
 
     def window(self, window: int, length: int | None = None) -> np.ndarray:
-        """The tokens (length + 1,) of one window, as a micro-batch would hold them."""
+        """The tokens (length + 1,) of one window, as a micro-batch would hold them (read
+        from its source's stream: a memory map reads only these pages)."""
         length = self.seq_len if length is None else length
-        start = int(self.starts[window])
-        return self.tokens[start : start + length + 1].astype(np.int64)
+        src, start = self._locate(window)
+        return np.asarray(self.streams[src][start : start + length + 1], dtype=np.int64)
 
     def place(self, window: int, length: int | None = None) -> Place:
         """Source, document and offset of one window (forensics, ``yoto data batch``)."""
         length = self.seq_len if length is None else length
-        start = int(self.starts[window])
-        src = int(self.window_source[window])
-        first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
-        stream_start = int(self._stream_starts[src])
-        if first < 0 or self.doc_starts[first] < stream_start:  # no index for this source
-            return Place(self.sources[src], "", start - stream_start, 0)
-        last = int(np.searchsorted(self.doc_starts, start + length + 1, side="left"))
-        return Place(
-            self.sources[src],
-            self.doc_ids[first],
-            start - int(self.doc_starts[first]),
-            last - first,
-        )
+        src, start = self._locate(window)
+        docs = self.splits[src].docs
+        if docs is None or len(docs) == 0:  # no index for this source
+            return Place(self.sources[src], "", start, 0)
+        first = docs.find(start)
+        last = docs.find(start + length)
+        return Place(self.sources[src], docs.id(first), start - docs.start(first), last - first + 1)
 
     def windows_at(self, position: int, count: int) -> np.ndarray:
         """Window indices of sequences [position, position + count) of the run, without
@@ -219,7 +210,7 @@ class Sampler:
 
     def sources_of(self, windows: np.ndarray) -> np.ndarray:
         """Source index of each window (names in ``self.sources``)."""
-        return self.window_source[windows]
+        return np.searchsorted(self._first_window, windows, side="right") - 1
 
     def skip(self, sequences: int) -> None:
         if sequences < 0:
@@ -234,6 +225,7 @@ class Sampler:
             "seq_len": self.seq_len,
             "sources": list(self.sources),
             "alpha": self.alpha,
+            "tokenizer": self.tokenizer,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,8 +237,9 @@ class Sampler:
                 ("seq_len", self.seq_len),
                 ("sources", list(self.sources)),
                 ("alpha", self.alpha),
+                ("tokenizer", self.tokenizer),
             )
-            if state.get(key, 1.0 if key == "alpha" else None) != now
+            if state.get(key, _BEFORE_WAVE_2.get(key)) != now
         ]
         if mismatch:
             raise DataError(
