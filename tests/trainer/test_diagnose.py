@@ -87,10 +87,10 @@ def test_verdicts_from_trajectories() -> None:
 def test_forensics_name_the_corrupted_sequences_and_their_documents(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """A bad batch replacing 6 of 16 sequences: the spike event's top 6 by loss are exactly
+    """A bad batch replacing 8 of 16 sequences: the spike event's top 8 by loss are exactly
     those, and each names the source, document and offset the window was cut from (checked
     against the documents themselves, not the sampler's index)."""
-    k = 6
+    k = 8
     trainer, store = make_trainer(
         tmp_path,
         *CADENCE,

@@ -23,8 +23,10 @@ documents hold exactly the tokens written (``--append-eod`` adds the end-of-docu
 token at preprocessing time; this reader adds nothing).
 
 Everything is memory-mapped: opening a dataset reads the 34-byte header and maps the
-arrays. The validation scan of the index reads it in bounded chunks, so memory stays flat
-whatever the corpus size; no method builds an array that grows with the corpus.
+arrays. The validation scan of the index reads it in bounded chunks, all of them for an
+index of up to 16 chunks and 16 spread over it beyond that (shards.scan_ranges), so
+start-up time and memory stay flat whatever the corpus size; no method builds an array
+that grows with the corpus.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from yoto.errors import DataError
+
+from .shards import scan_ranges
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _LEGACY_MAGIC = b"TNTIDX\x00\x00"  # the older non-mmap format (--dataset-impl lazy/cached)
@@ -265,9 +269,9 @@ class IndexedDataset:
                 f"{str(idx_path)!r} has document indices from {first:,} to {last:,}; they "
                 f"must start at 0 and end at the sequence count ({sequences:,})"
             )
-        prev = 0
-        for a in range(0, len(docs), _CHECK_CHUNK):
-            part = np.asarray(docs[a : a + _CHECK_CHUNK])
+        for a, b in scan_ranges(len(docs), _CHECK_CHUNK):
+            prev = int(docs[a - 1]) if a else 0
+            part = np.asarray(docs[a:b])
             steps = np.diff(part, prepend=prev)
             if np.any(steps < 0):
                 i = a + int(np.flatnonzero(steps < 0)[0])
@@ -276,13 +280,12 @@ class IndexedDataset:
                     f"starts at sequence {int(docs[i]):,}, before the previous document "
                     f"({int(docs[i - 1]):,}); they must never decrease"
                 )
-            prev = int(part[-1])
 
     def _check_pointers(self, idx_path: Path, lengths: np.ndarray) -> None:
         pointers, itemsize = self._pointers, self._itemsize
-        end = 0  # where the next sequence must start, in bytes
-        for a in range(0, len(pointers), _CHECK_CHUNK):
-            size = np.asarray(lengths[a : a + _CHECK_CHUNK], dtype=np.int64)
+        for a, b in scan_ranges(len(pointers), _CHECK_CHUNK):
+            end = int(pointers[a]) if a else 0  # where the next sequence must start, in bytes
+            size = np.asarray(lengths[a:b], dtype=np.int64)
             if np.any(size < 0):
                 i = a + int(np.flatnonzero(size < 0)[0])
                 raise DataError(
@@ -291,7 +294,7 @@ class IndexedDataset:
                 )
             ends = np.cumsum(size * itemsize) + end  # where each sequence ends
             want = np.concatenate(([end], ends[:-1]))
-            part = np.asarray(pointers[a : a + _CHECK_CHUNK])
+            part = np.asarray(pointers[a:b])
             if np.any(part != want):
                 j = int(np.flatnonzero(part != want)[0])
                 raise DataError(
@@ -301,4 +304,3 @@ class IndexedDataset:
                     f"previous one ends (pointer = previous pointer + length × "
                     f"{itemsize} bytes, from 0)"
                 )
-            end = int(ends[-1])

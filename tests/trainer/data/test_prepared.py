@@ -377,3 +377,25 @@ def test_a_megatron_dataset_trains_with_its_documents_and_tokens(tmp_path: Path)
     big.finalize(str(tmp_path / "wide.idx"))
     with pytest.raises(DataError, match="outside the 257 ids of data.tokenizer 'bytes'"):
         load_corpus(config([str(tmp_path / "wide")]).data, SEQ + 1)
+
+
+def test_training_on_a_prepared_corpus_resumes_bit_exactly(
+    corpus_dir, bpe: Path, tmp_path: Path
+) -> None:
+    from tests.helpers import FAST, train_in_process
+    from yoto import catalog, runstore
+
+    _, paths = corpus_dir
+    prepare.prepare(config(paths, str(bpe)), tmp_path / "prep", workers=0, progress=False)
+    base = [f"data.paths={json.dumps([str(tmp_path / 'prep')])}", f"data.tokenizer={bpe}"]
+    base += [f"model.seq_len={SEQ}", "checkpoint.every=4", "optim.decay_steps=8", *FAST]
+
+    def sets(*extra: str) -> list[str]:
+        return ["--metrics-addr", "0", *[x for a in (*base, *extra) for x in ("--set", a)]]
+
+    whole = train_in_process(tmp_path / "a", *sets("train.steps=8"))
+    part = train_in_process(tmp_path / "b", *sets("train.steps=4"))
+    train_in_process(tmp_path / "b", "--resume", str(part), *sets("train.steps=8"))
+    a, b = runstore.read_metrics(whole).to_pydict(), runstore.read_metrics(part).to_pydict()
+    loss = catalog.TRAIN_LOSS.name
+    assert b["step"] == list(range(1, 9)) and a[loss] == b[loss]  # bit-exact
