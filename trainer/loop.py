@@ -729,7 +729,7 @@ class Trainer:
             prefix = self._prefix_lengths(step, micro, tokens.size(0), trace.seq_len)
             logits = engine(tokens[:, :-1], None, prefix)  # (B, T, V)
             targets = tokens[:, 1:]
-            if prefix is not None and not engine.module.prefix_loss:
+            if prefix is not None:
                 targets = outside_prefix(targets, prefix)
             ce = F.cross_entropy(
                 logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
@@ -838,7 +838,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss per source over all ranks' shares (one flush)."""
+        """Mean validation loss per source over all ranks' shares (one flush).
+
+        Every attention pattern is scored on the same positions: the targets after the
+        first T // 2 tokens, the fixed prefix a prefix-LM validates with. A causal and a
+        prefix run are then compared on equal terms (the Compare page, scaling fits): the
+        same tokens predicted from the same context length, none of them visible."""
         engine, info = self.engine, self.info
         engine.eval()
         sums = torch.zeros(len(self.val_batches), 2, dtype=torch.float64, device=info.device)
@@ -846,7 +851,9 @@ class Trainer:
             for batch in batches:
                 batch = batch.to(info.device, non_blocking=True)
                 prefix = self._prefix_lengths(0, 0, batch.size(0), fixed=True)
-                loss = engine(batch[:, :-1], batch[:, 1:], prefix, terms=True).lm  # no z-loss
+                half = torch.full((batch.size(0),), self.cfg.model.seq_len // 2, device=info.device)
+                targets = outside_prefix(batch[:, 1:], half)
+                loss = engine(batch[:, :-1], targets, prefix, terms=True).lm  # no z-loss
                 sums[i, 0] += loss.double() * batch.size(0)
                 sums[i, 1] += batch.size(0)
         engine.train()

@@ -178,7 +178,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.prefix_loss = cfg.attention.prefix_loss
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -221,7 +220,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits
-        if prefix_len is not None and not self.prefix_loss:
+        if prefix_len is not None:  # a prefix-LM learns only what its positions cannot see
             targets = outside_prefix(targets, prefix_len)
         # fp32 softmax: a bf16 log-partition over V entries loses the small differences
         flat_logits, flat_targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)

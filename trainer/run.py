@@ -293,6 +293,8 @@ def _open_store(cfg: Config, prepared: Prepared, record: RecordRequest) -> RunSt
         "non_embedding_parameters": model.num_params(),
         "data": prepared.corpus.token_counts(),
         "tokenizer": tokenizers.describe(prepared.tokenizer),
+        # which targets yoto_val_loss counts (runs before this field: all of them)
+        "val_loss_targets": "after the first seq_len // 2 tokens",
     }
     kwargs = {
         "flush_every_steps": cfg.log.flush_every_steps,

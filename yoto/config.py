@@ -33,10 +33,11 @@ class AttentionConfig(Section):
         "causal",
         description="prefix: bidirectional inside a prefix, causal after it",
     )
-    prefix_loss: bool = Field(
-        True,
-        description="prefix-LM: also train on predicting the prefix's tokens (false: "
-        "the loss counts only the tokens after the prefix)",
+    prefix_loss: bool | None = Field(
+        None,
+        description="removed: a prefix-LM trains on the targets after its prefix only. "
+        "Kept so run directories of earlier runs still load (their config says true); "
+        "training refuses true",
     )
     qk_norm: bool = Field(False, description="normalise queries and keys per head")
 
@@ -616,7 +617,10 @@ class Config(Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
+        data = self.model_dump(mode="json")
+        if data["model"]["attention"].get("prefix_loss") is None:  # the removed option
+            del data["model"]["attention"]["prefix_loss"]
+        return yaml.safe_dump(redact(data), sort_keys=False)
 
 
 # --- loading ------------------------------------------------------------------------------

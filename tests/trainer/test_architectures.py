@@ -147,17 +147,68 @@ def test_prefix_lm_sees_the_prefix_both_ways_and_never_the_future() -> None:
     assert diff[0, :7].max() < 1e-6  # the causal model never looks ahead
 
 
-def test_prefix_loss_option_counts_only_tokens_after_the_prefix() -> None:
+def test_a_prefix_lm_loss_counts_no_target_its_position_can_see() -> None:
+    """Position t predicts token t + 1; inside the bidirectional prefix (t + 1 < P) that
+    token is in t's own view. The loss must count only the targets after the prefix: a
+    model with the old default (every target) fails this."""
     torch.manual_seed(0)
-    both = GPT(small(attention={"pattern": "prefix"}), vocab_size=64)
-    after = GPT(small(attention={"pattern": "prefix", "prefix_loss": False}), vocab_size=64)
-    after.load_state_dict(both.state_dict())
-    idx, tgt = torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32))
+    model = GPT(small(attention={"pattern": "prefix"}), vocab_size=64)
+    idx = torch.randint(0, 64, (2, 32))
+    tgt = torch.cat([idx[:, 1:], torch.randint(0, 64, (2, 1))], dim=1)  # a real LM's targets
     prefix = torch.tensor([10, 20])
-    logits = both(idx, prefix_len=prefix)
-    keep = torch.arange(32)[None, :] + 1 >= prefix[:, None]
-    expected = torch.nn.functional.cross_entropy(logits[keep], tgt[keep])
-    torch.testing.assert_close(after(idx, tgt, prefix), expected)
+    logits = model(idx, prefix_len=prefix)
+    visible = torch.arange(32)[None, :] + 1 < prefix[:, None]  # target inside the view
+    expected = torch.nn.functional.cross_entropy(logits[~visible], tgt[~visible])
+    leaking = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), tgt.reshape(-1))
+    loss = model(idx, tgt, prefix)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.isclose(loss, leaking)
+    # the loss does not move when a visible target changes (its input stays the same)
+    other = tgt.clone()
+    other[visible] = (other[visible] + 1) % 64
+    torch.testing.assert_close(model(idx, other, prefix), loss)
+
+
+@pytest.mark.parametrize("pattern", ["causal", "prefix"])
+def test_validation_scores_every_pattern_on_the_targets_after_half(
+    tmp_path: Path, pattern: str
+) -> None:
+    """yoto_val_loss counts the targets after the first seq_len // 2 tokens, for a
+    prefix-LM (whose prefix is that half: none of them visible) and a causal model alike."""
+    trainer, store = make_trainer(tmp_path, f"model.attention.pattern={pattern}")
+    try:
+        values = trainer.evaluate()
+        model, T = trainer.engine.module.eval(), trainer.cfg.model.seq_len
+        want = {}
+        with torch.no_grad():
+            for source, batches in trainer.val_batches.items():
+                total = n = 0.0
+                for batch in batches:
+                    prefix = torch.full((batch.size(0),), T // 2) if pattern == "prefix" else None
+                    logits = model(batch[:, :-1], prefix_len=prefix)
+                    counted = slice(T // 2 - 1, T)  # position t predicts t + 1 >= T // 2
+                    ce = torch.nn.functional.cross_entropy(
+                        logits[:, counted].reshape(-1, logits.size(-1)),
+                        batch[:, 1:][:, counted].reshape(-1),
+                    )
+                    total += float(ce) * batch.size(0)
+                    n += batch.size(0)
+                want[source] = total / n
+        for source, value in want.items():
+            key = catalog.series_key(catalog.VAL_LOSS.name, {"source": source})
+            assert math.isclose(values[key], value, rel_tol=1e-5), (source, values[key], value)
+    finally:
+        store.close("finished")
+
+
+def test_the_removed_prefix_loss_option_is_a_clear_error(tmp_path, capsys) -> None:
+    from yoto.cli import main
+
+    sets = ["--set", "model.attention.pattern=prefix", "--set", "model.attention.prefix_loss=true"]
+    rc = main(["train", "--run-root", str(tmp_path), "--no-progress", "--metrics-addr", "0", *sets])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prefix_loss=true was removed" in err and "after the prefix" in err
+    assert not any(tmp_path.iterdir())  # refused before a run directory
 
 
 def test_alibi_slopes_match_the_paper() -> None:

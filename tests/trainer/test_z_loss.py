@@ -68,14 +68,14 @@ def backward_with_logits(model: GPT, *args: torch.Tensor | None) -> tuple[LossTe
     return out, seen[0].grad
 
 
-@pytest.mark.parametrize("prefix_lm", [False, True], ids=["causal", "prefix-no-prefix-loss"])
+@pytest.mark.parametrize("prefix_lm", [False, True], ids=["causal", "prefix"])
 def test_z_loss_gradient_matches_autograd_of_z_log_z_squared(prefix_lm: bool) -> None:
     """The added term's gradient (on - off, same weights and batch) is autograd's gradient
     of z x mean(log^2 Z) computed here from the logits, on every parameter and on the
     logits themselves, where it is also the closed form 2 z log Z softmax / N. With a
-    prefix-LM that does not train on its prefix, the mean is over the positions the
-    cross-entropy counts."""
-    extra = {"attention": AttentionConfig(pattern="prefix", prefix_loss=False)} if prefix_lm else {}
+    prefix-LM (trained on the targets after its prefix), the mean is over the positions
+    the cross-entropy counts."""
+    extra = {"attention": AttentionConfig(pattern="prefix")} if prefix_lm else {}
     off, on = pair(COEF, **extra)
     idx, tgt = batch()
     prefix = torch.tensor([5, 9, 1]) if prefix_lm else None
