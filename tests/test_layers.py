@@ -1,6 +1,6 @@
 """The layer rules of DESIGN.md, held by reading every module's imports.
 
-    kernel <- probes <- trainer <- scaling.sweep;  dashboards and alerts read the kernel and
+    kernel <- probes <- trainer <- scaling.sweep, evals;  dashboards and alerts read the kernel and
     yoto.scaling's fits, which read only the kernel;  the CLI wires them all.
 
 Every module of the installed packages (pyproject's ``package-dir``) is parsed, and every
@@ -41,6 +41,7 @@ LAYER_OF_PREFIX = {
     "yoto.scaling.sweep": "sweep",  # orchestration: runs the trainer
     "yoto.dashboards": "dashboards",
     "yoto.alerts": "alerts",
+    "yoto.evals": "evals",  # beside the sweep: uses of checkpoints (yoto export)
 }
 EVERY_LAYER = frozenset(LAYER_OF_PREFIX.values())
 
@@ -53,6 +54,7 @@ MAY_IMPORT = {
     "sweep": {"kernel", "probes", "trainer", "scaling fits", "sweep"},
     "dashboards": {"kernel", "scaling fits", "dashboards"},
     "alerts": {"kernel", "scaling fits", "alerts"},
+    "evals": {"kernel", "probes", "trainer", "scaling fits", "evals"},
     "cli": EVERY_LAYER,
 }
 
@@ -220,6 +222,7 @@ def test_the_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
         ("yoto.scaling", "scaling fits"),
         ("yoto.scaling.laws.fit", "scaling fits"),
         ("yoto.scaling.sweep", "sweep"),
+        ("yoto.evals.export", "evals"),
         ("yoto.dashboards.postmortem.views.scaling", "dashboards"),
         ("numpy", None),
     ],

@@ -8,6 +8,7 @@
     yoto runs show RUN_DIR [--json]
     yoto spectra RUN_DIR --step S [--no-write] [--json]
     yoto sample RUN_DIR [--prompt TEXT] [--step S] [--tokens N]
+    yoto export RUN_DIR [--step S] --out DIR [--force]       # a Hugging Face transformers model
     yoto dashboards build --out DIR | push --url URL [--folder NAME]   # Grafana, from the catalog
                [--preset NAME | --config FILE] [--set key=value ...]   # probe thresholds
     yoto sweep --grid KEY=V1,V2 [--grid ...] [--preset NAME] [--set ...] [--budget B]
@@ -113,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint as a Hugging Face transformers model (safetensors) and tokenizer, "
+        "for the configurations that are exactly GPT-2, BLOOM, GPT-NeoX, Llama or Qwen3",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+
     p = sub.add_parser("spectra", help="weightwatcher on a checkpoint's weight matrices")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, required=True, help="a complete checkpoint's step")
@@ -183,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, required=True, help="the spike's onset step")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("eval", help="few-shot evaluation of a checkpoint with lm-eval")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete)")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated lm-eval tasks, e.g. yoto_cloze_prose,yoto_next_line_code "
+        "(yoto's offline tasks) or lambada_openai,hellaswag (from the local HF cache)",
+    )
+    p.add_argument("--num-fewshot", type=int, help="examples in each prompt (default 0)")
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--include-path", action="append", default=[], metavar="DIR", help="your task YAMLs"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-write", action="store_true", help="print only; leave evals/ as is")
     p.add_argument("--json", action="store_true")
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on data.paths")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -621,6 +650,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from yoto.evals.export import export
+
+    done = export(args.run_dir, args.out, args.step, force=args.force)
+    print(
+        f"{done.out}: checkpoint step-{done.step} of {args.run_dir} as "
+        f"{done.target.name} ({done.target.architecture})"
+    )
+    print(f"  wrote {', '.join(done.files)}")
+    print(
+        f"  logits agree with yoto's model on random tokens (largest relative difference "
+        f"{done.difference:.2g})"
+    )
+    for note in done.notes:
+        print(f"  {note}")
+    print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(done.out)!r})")
+    return 0
+
+
 def cmd_spectra(args: argparse.Namespace) -> int:
     from yoto.trainer.offline import spectra_for_checkpoint
 
@@ -805,6 +853,33 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from yoto.evals.evaluate import evaluate
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    step, rows = evaluate(
+        args.run_dir,
+        tasks,
+        step=args.step,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        include_path=args.include_path,
+        device=args.device,
+        write=not args.no_write,
+    )
+    if args.json:
+        print(json.dumps({"step": step, "results": rows}, indent=2))
+        return 0
+    print(f"step {step}: {len(rows)} results" + ("" if args.no_write else " (in evals/)"))
+    for r in rows:
+        print(
+            f"  {r['task']:28s} {r['metric']:12s} {r['value']:.4f} ± {r['stderr']:.4f} "
+            f"({r['num_fewshot']}-shot)"
+        )
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from yoto.trainer.data import tokenizer as tokenizers
     from yoto.trainer.data.corpus import raw_documents
@@ -848,6 +923,7 @@ COMMANDS = {
     "data": cmd_data,
     "diagnose": cmd_diagnose,
     "tokenizer": cmd_tokenizer,
+    "eval": cmd_eval,
     "sweep": cmd_sweep,
     "scaling": cmd_scaling,
     "train": cmd_train,
@@ -855,6 +931,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "spectra": cmd_spectra,
     "sample": cmd_sample,
+    "export": cmd_export,
     "dashboards": cmd_dashboards,
     "explore": cmd_explore,
 }
