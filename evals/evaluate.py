@@ -22,7 +22,7 @@ from typing import Any
 from yoto import runstore
 from yoto.errors import ConfigError
 
-TABLE = "evals"  # the run directory's table of evaluation results
+TABLE = runstore.EVALS  # the run directory's table of evaluation results
 _OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -127,7 +127,4 @@ def _attempt_of(run_dir: Path, step: int) -> int:
     return int(branch.get("attempt", 0))
 
 
-def read_evals(run_dir: str | Path) -> list[dict[str, Any]]:
-    """A run's evaluation rows (``yoto runs show``, the explorer)."""
-    table = runstore.read_table(run_dir, TABLE)
-    return [] if table is None else table.to_pylist()
+read_evals = runstore.read_evals  # a run's evaluation rows

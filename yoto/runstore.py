@@ -59,6 +59,7 @@ METRICS = "metrics"
 LAYERS = "layers"  # long: attempt, step, layer, metric, value
 SPECTRA = "spectra"  # long: attempt, step, layer, alpha, ... (yoto.probes.spectra)
 CHECKPOINTS = "checkpoints"
+EVALS = "evals"  # long: attempt, step, task, metric, value, stderr, ... (yoto.evals)
 CHAT = "chat.jsonl"  # the chat notifier's outbox: each message, where it went, how it ended
 COMPLETE = "COMPLETE"  # written last into a checkpoint folder (yoto.trainer.checkpoint)
 _TAG = re.compile(r"^step-(\d+)$")
@@ -637,6 +638,13 @@ def read_metrics(path: str | Path) -> pa.Table:
             }
         )
     return table
+
+
+def read_evals(path: str | Path) -> list[dict[str, Any]]:
+    """A run's few-shot evaluation rows (``yoto eval``, in-loop evaluation), every attempt,
+    sorted by (attempt, step); empty when it has none."""
+    table = read_table(path, EVALS)
+    return [] if table is None else table.to_pylist()
 
 
 def read_layers(path: str | Path) -> pa.Table:
