@@ -61,6 +61,8 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
     m = catalog
     spectra = cfg.probes.spectra
     where = "run {{ $labels.name }} ({{ $labels.instance }})"
+    higher = f'{m.EVAL_SCORE.name}{{metric=~"acc|acc_norm|exact_match"}}'  # higher is better
+    lower = f'{m.EVAL_SCORE.name}{{metric=~"perplexity|word_perplexity"}}'
     return [
         Rule(
             "YotoInstabilityEpisode",
@@ -179,6 +181,22 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
             "down, or the exporter is unreachable.",
             for_="5m",
             metrics=(m.RUN_ENDED,),
+        ),
+        Rule(
+            "YotoFewShotScoreFell",
+            # scores come once per evaluated checkpoint: compared with the best of the
+            # last 12 hours of the same run, task and metric
+            _per_run(
+                f"{higher} < 0.9 * max_over_time({higher}[12h])\n"
+                f"or {lower} > 1.5 * min_over_time({lower}[12h])"
+            ),
+            "warning",
+            "Few-shot score fell in " + where,
+            "{{ $labels.task }} {{ $labels.metric }} is more than 10% below its best of the "
+            "last 12 hours (a perplexity: 50% above). The loss may not "
+            "show it (BLOOM's 13B run looked fine by loss and scored like a 2.7-6B model); "
+            "the Evals page of the explorer has the trajectory per task.",
+            metrics=(m.EVAL_SCORE, m.RUN_INFO),
         ),
         Rule(
             "YotoSpectraOutOfBand",

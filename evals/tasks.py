@@ -6,12 +6,12 @@ documents of the default corpus (the standard library) that its split holds out 
 validation at the default ``data.val_fraction`` (0.02): no run on the default corpus
 trained on them.
 
-- ``yoto_cloze_prose`` (LAMBADA-style): up to 40 words of prose (held-out documentation
+- ``stdlib_cloze`` (LAMBADA-style): up to 40 words of prose (held-out documentation
   and the docstrings of held-out modules), predict the word that ends the sentence.
   ``loglikelihood``; acc (the word is the greedy continuation) and perplexity (per word:
   a uniform guess over the vocabulary scores V^(bytes of the word); a byte-level model as
   small as the tiny preset gets perplexity far below that, but seldom a whole word greedy).
-- ``yoto_next_line_code`` (HellaSwag-style): lines of code, choose the true next line
+- ``stdlib_next_line`` (HellaSwag-style): lines of code, choose the true next line
   among it and three lines drawn from other held-out files. ``multiple_choice``; acc and
   acc_norm; chance is 0.25.
 
@@ -31,8 +31,8 @@ import numpy as np
 from yoto.trainer.data.corpus import held_out
 from yoto.trainer.data.documents import Document, stdlib_documents
 
-GROUP = "yoto_offline"
-CLOZE, NEXT_LINE = "yoto_cloze_prose", "yoto_next_line_code"
+GROUP = "stdlib_fewshot"
+CLOZE, NEXT_LINE = "stdlib_cloze", "stdlib_next_line"
 TASKS = (CLOZE, NEXT_LINE)
 DEFAULT_VAL_FRACTION = 0.02
 _VERSION = 1  # of the task data: bump when the construction changes

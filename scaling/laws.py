@@ -1,6 +1,6 @@
 """Scaling-law fits and effective model size: pure numerics (numpy, scipy), no trainer.
 
-Two laws, both over N = **non-embedding** parameters (Kaplan et al. 2020 count; embeddings
+Three laws, all over N = **non-embedding** parameters (Kaplan et al. 2020 count; embeddings
 scale with the vocabulary, not with what the model can learn) and D = training tokens:
 
 * Kaplan:      L(N)    = (N_c / N)^α_N
@@ -11,6 +11,15 @@ scale with the vocabulary, not with what the model can learn) and D = training t
   predicted log loss is LSE(a - α log N, b - β log D, e), and the Huber loss (δ = 1e-3) of
   its difference to the observed log loss is minimised with L-BFGS from a grid of
   initialisations, keeping the best.
+* Floor:       L(N)    = E + A / N^α
+  Kaplan's power law above an irreducible floor E, for runs of one token budget: fitted
+  like Chinchilla without the D term (Huber loss on log L of LSE(a - α log N, e), L-BFGS
+  from a grid). It needs three model sizes; ``choose_error_law`` picks it for downstream
+  errors (1 - accuracy), which do not fall to zero (ambiguous or mislabelled items).
+
+The laws fit any positive quantity that falls with N like a loss: the validation loss, or
+a few-shot score turned into one (``yoto.scaling.runs.ScoreMetric``: 1 - accuracy, the
+log of a perplexity); ``Fit.quantity`` names it in the formula.
 
 Intervals come from a bootstrap over points (resample the runs with replacement, refit);
 they are percentile intervals of the refits. The **effective size** of a run inverts the
@@ -42,11 +51,15 @@ from yoto.errors import YotoError
 
 PARAMETER_COUNT = "non-embedding"  # what N means, stated in every output
 HUBER_DELTA = 1e-3
-Law = Literal["kaplan", "chinchilla"]
+Law = Literal["kaplan", "chinchilla", "floor"]
 LAW_PARAMS: dict[str, tuple[str, ...]] = {
     "kaplan": ("N_c", "alpha_N"),
     "chinchilla": ("E", "A", "B", "alpha", "beta"),
+    "floor": ("E", "A", "alpha"),
 }
+LAW_NAMES = {"kaplan": "Kaplan", "chinchilla": "Chinchilla", "floor": "Floor"}
+FLOOR_MIN_POINTS = 8  # choose_error_law: the floor law from this many runs ...
+FLOOR_MIN_SIZES = 4  # ... over at least this many model sizes
 
 
 COMPUTE_6ND_LABEL = "approximate training compute C ≈ 6·N·D (FLOPs)"
@@ -113,6 +126,7 @@ class Fit:
     samples: np.ndarray | None = None  # bootstrap refits, one row per resample (LAW_PARAMS order)
     objective: float = float("nan")
     confidence: float = 0.95
+    quantity: str = "L"  # what was fitted, as the formula names it: L (a loss), err, ...
 
     def predict(self, n: float | np.ndarray, d: float | np.ndarray | None = None) -> np.ndarray:
         return _predict(self.law, _vector(self.law, self.params), n, d)
@@ -141,27 +155,32 @@ class Fit:
         if self.law == "kaplan":
             return 0.0
         p = self.params
+        if self.law == "floor":
+            return p["E"]
         return p["E"] + (p["B"] / d ** p["beta"] if d else 0.0)
 
     def at_bounds(self) -> list[str]:
-        """Chinchilla parameters the fit left on the edge of their box: the data do not
-        determine them (too few model sizes or token budgets)."""
-        if self.law != "chinchilla":
+        """Chinchilla (or floor-law) parameters the fit left on the edge of their box: the
+        data do not determine them (too few model sizes or token budgets)."""
+        if self.law == "kaplan":
             return []
-        theta = _to_theta(_vector(self.law, self.params))
-        names = LAW_PARAMS["chinchilla"]
+        vec = _vector(self.law, self.params)
+        theta = _to_theta(vec) if self.law == "chinchilla" else _floor_to_theta(vec)
+        bounds = _BOUNDS if self.law == "chinchilla" else _FLOOR_BOUNDS
         return [
             k
-            for k, v, (lo, hi) in zip(names, theta, _BOUNDS, strict=True)
+            for k, v, (lo, hi) in zip(LAW_PARAMS[self.law], theta, bounds, strict=True)
             if min(abs(v - lo), abs(v - hi)) < 1e-6 * max(1.0, abs(v))
         ]
 
     def formula(self) -> str:
-        p = self.params
+        p, q = self.params, self.quantity
         if self.law == "kaplan":
-            return f"L(N) = ({p['N_c']:.4g} / N)^{p['alpha_N']:.4f}"
+            return f"{q}(N) = ({p['N_c']:.4g} / N)^{p['alpha_N']:.4f}"
+        if self.law == "floor":
+            return f"{q}(N) = {p['E']:.4g} + {p['A']:.4g} / N^{p['alpha']:.4f}"
         return (
-            f"L(N, D) = {p['E']:.4f} + {p['A']:.4g} / N^{p['alpha']:.4f} "
+            f"{q}(N, D) = {p['E']:.4f} + {p['A']:.4g} / N^{p['alpha']:.4f} "
             f"+ {p['B']:.4g} / D^{p['beta']:.4f}"
         )
 
@@ -169,6 +188,7 @@ class Fit:
         return {
             "law": self.law,
             "formula": self.formula(),
+            "quantity": self.quantity,
             "parameter_count": PARAMETER_COUNT,
             "params": {
                 k: self.intervals[k].to_json() if k in self.intervals else {"value": _json_float(v)}
@@ -209,6 +229,11 @@ def check_points(points: Sequence[Point], law: Law) -> None:
         raise ScalingError(
             f"all {len(points)} points have the same N={points[0].n:g}: a law in N needs "
             f"at least two model sizes"
+        )
+    if law == "floor" and len({p.n for p in points}) < 3:
+        raise ScalingError(
+            "the floor law E + A/N^alpha needs at least three model sizes (two sizes "
+            "cannot tell the floor E from the slope); use --law kaplan, or add sizes"
         )
     if law == "chinchilla":
         distinct_d = len({_rounded(p.d) for p in points})
@@ -253,6 +278,23 @@ def choose_law(points: Sequence[Point]) -> tuple[Law, str]:
     return "kaplan", why
 
 
+def choose_error_law(points: Sequence[Point]) -> tuple[Law, str]:
+    """The law --law auto uses for a downstream error (1 - accuracy): Chinchilla where
+    ``choose_law`` takes it, else the floor law E + A/N^α from ``FLOOR_MIN_POINTS`` runs
+    over ``FLOOR_MIN_SIZES`` model sizes (an error does not fall to 0), else Kaplan's power
+    law (the floor cannot be told from the slope on fewer)."""
+    law, why = choose_law(points)
+    if law == "chinchilla":
+        return law, why
+    sizes = len({p.n for p in points})
+    if len(points) >= FLOOR_MIN_POINTS and sizes >= FLOOR_MIN_SIZES:
+        return "floor", f"{len(points)} points over {sizes} model sizes; {why}"
+    return "kaplan", (
+        f"{why}, and {len(points)} points over {sizes} sizes are too few for a floor: auto "
+        f"wants {FLOOR_MIN_POINTS} over {FLOOR_MIN_SIZES}"
+    )
+
+
 # --- fitting ------------------------------------------------------------------------------
 
 
@@ -262,9 +304,11 @@ def fit(
     bootstrap: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
+    quantity: str = "L",
 ) -> Fit:
     """Fit ``law`` to the points, with percentile bootstrap intervals over ``bootstrap``
-    resamples of the points (0: no intervals)."""
+    resamples of the points (0: no intervals). ``quantity`` names what ``Point.loss``
+    holds (L: a loss; err: 1 - accuracy, ...) in the formula and the messages."""
     if law not in LAW_PARAMS:
         raise ScalingError(f"unknown law {law!r}; laws: {', '.join(LAW_PARAMS)}")
     if not 0 < confidence < 1:
@@ -272,7 +316,9 @@ def fit(
     points = list(points)
     check_points(points, law)
     with _one_blas_thread():
-        return _fit(points, law, bootstrap, confidence, seed)
+        result = _fit(points, law, bootstrap, confidence, seed, quantity)
+    result.quantity = quantity
+    return result
 
 
 @contextlib.contextmanager
@@ -288,16 +334,21 @@ def _one_blas_thread() -> Iterator[None]:
         yield
 
 
-def _fit(points: list[Point], law: Law, bootstrap: int, confidence: float, seed: int) -> Fit:
+def _fit(
+    points: list[Point], law: Law, bootstrap: int, confidence: float, seed: int, quantity: str
+) -> Fit:
     n, d, loss = _arrays(points, law)
-    if law == "kaplan":
+    if law in ("kaplan", "floor"):
         vec, obj = _fit_kaplan(n, loss), float("nan")
         if not vec[1] > 1e-9:
+            what = "the loss" if quantity == "L" else quantity
             raise ScalingError(
-                f"the loss does not fall with N over these {len(points)} points (fitted "
+                f"{what} does not fall with N over these {len(points)} points (fitted "
                 f"alpha_N = {vec[1]:.3g}): there is no power law in N to fit; were the runs "
                 f"trained long enough for size to matter?"
             )
+        if law == "floor":
+            vec, obj = _fit_floor(n, loss, _FLOOR_GRID)
     else:
         vec, obj = _fit_chinchilla(n, d, loss, _GRID)
     result = Fit(law, _named(law, vec), points, objective=obj, confidence=confidence)
@@ -397,6 +448,74 @@ def _fit_chinchilla(
     return _from_theta(best), best_value
 
 
+# the floor law E + A/N^alpha: (e, a, alpha) with E = e^e, A = e^a; e reaches down to
+# e^-8 = 3e-4 (an error or loss that small is as good as no floor)
+_FLOOR_GRID = np.array(
+    list(
+        itertools.product(
+            np.arange(-4.0, 1.51, 0.5),  # e: floors from 0.02 (an error) to 4.5 (a loss)
+            np.arange(0.0, 25.1, 2.5),  # a
+            np.arange(0.0, 2.01, 0.25),  # alpha
+        )
+    )
+)
+_FLOOR_BOUNDS = [(-30.0, 10.0), (-30.0, 60.0), (0.0, 3.0)]
+
+
+def _floor_objective(theta: np.ndarray, x: np.ndarray, y: np.ndarray):
+    """Sum of Huber(LSE(a - alpha x, e) - y) and its gradient, scaled as
+    ``_huber_objective`` (the Chinchilla objective without its D term)."""
+    e, a, alpha = theta
+    u = np.stack([a - alpha * x, np.full_like(x, e)])
+    top = u.max(axis=0)
+    w = np.exp(u - top)
+    s = w.sum(axis=0)
+    r = top + np.log(s) - y
+    w /= s
+    small = np.abs(r) <= HUBER_DELTA
+    value = np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum()
+    dr = np.where(small, r, HUBER_DELTA * np.sign(r))
+    grad = np.array([(dr * w[1]).sum(), (dr * w[0]).sum(), -(dr * w[0] * x).sum()])
+    scale = 1.0 / HUBER_DELTA**2
+    return value * scale, grad * scale
+
+
+def _floor_grid_objective(grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    e, a, alpha = (grid[:, i : i + 1] for i in range(3))
+    r = np.logaddexp(a - alpha * x, np.broadcast_to(e, (len(grid), len(x)))) - y
+    ar = np.abs(r)
+    return np.where(ar <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (ar - 0.5 * HUBER_DELTA)).sum(1)
+
+
+def _fit_floor(
+    n: np.ndarray, loss: np.ndarray, starts: np.ndarray, refine: int = _REFINE
+) -> tuple[np.ndarray, float]:
+    x, y = np.log(n), np.log(loss)
+    if len(starts) > refine:
+        starts = starts[np.argsort(_floor_grid_objective(starts, x, y))[:refine]]
+    best, best_value = None, math.inf
+    for theta0 in starts:
+        res = minimize(
+            _floor_objective,
+            theta0,
+            args=(x, y),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=_FLOOR_BOUNDS,
+            options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10},
+        )
+        if np.all(np.isfinite(res.x)) and res.fun < best_value:
+            best, best_value = res.x, float(res.fun)
+    assert best is not None
+    e, a, alpha = best
+    return np.array([math.exp(e), math.exp(a), alpha]), best_value
+
+
+def _floor_to_theta(vec: np.ndarray) -> np.ndarray:
+    low = math.exp(_FLOOR_BOUNDS[0][0])
+    return np.array([math.log(max(vec[0], low)), math.log(max(vec[1], low)), vec[2]])
+
+
 def _from_theta(theta: np.ndarray) -> np.ndarray:
     """(e, a, b, alpha, beta) -> (E, A, B, alpha, beta)"""
     e, a, b, alpha, beta = theta
@@ -426,15 +545,22 @@ def _bootstrap(
         here = _to_theta(vec)[None, :]
         x, z, y = np.log(n), np.log(d), np.log(loss)
         starts = np.concatenate([here, _GRID[np.argsort(_grid_objective(_GRID, x, z, y))[:1]]])
+    elif law == "floor":
+        x, y = np.log(n), np.log(loss)
+        best = _FLOOR_GRID[np.argsort(_floor_grid_objective(_FLOOR_GRID, x, y))[:1]]
+        starts = np.concatenate([_floor_to_theta(vec)[None, :], best])
+    sizes_needed = 3 if law == "floor" else 2
     tries = 0
     while len(rows) < resamples and tries < 20 * resamples:
         tries += 1
         idx = rng.integers(0, len(n), len(n))
         # a resample with a single model size (or token budget) fits nothing: draw again
-        if len(np.unique(n[idx])) < 2:
+        if len(np.unique(n[idx])) < sizes_needed:
             continue
         if law == "kaplan":
             rows.append(_fit_kaplan(n[idx], loss[idx]))
+        elif law == "floor":
+            rows.append(_fit_floor(n[idx], loss[idx], starts, refine=len(starts))[0])
         else:
             if len(np.unique(np.round(np.log(d[idx]), 6))) < 2:
                 continue
@@ -450,6 +576,9 @@ def _predict(law: Law, vec: np.ndarray, n, d=None) -> np.ndarray:
     if law == "kaplan":
         n_c, alpha = vec
         return (n_c / n) ** alpha
+    if law == "floor":
+        e, a, alpha = vec
+        return e + a / n**alpha
     if d is None:
         raise ScalingError("the Chinchilla law needs D (training tokens) to predict a loss")
     e, a, b, alpha, beta = vec
@@ -463,6 +592,11 @@ def _invert(law: Law, vec: np.ndarray, loss: float, d: float | None) -> float:
         if alpha <= 0 or not math.isfinite(n_c):
             return float("nan")  # a flat or rising law maps no loss to one size
         return float(n_c * loss ** (-1.0 / alpha))
+    if law == "floor":
+        e, a, alpha = vec
+        if loss - e <= 0:
+            return float("inf")  # at or below the floor: no finite model gets there
+        return float((a / (loss - e)) ** (1.0 / alpha)) if alpha > 0 else float("nan")
     if d is None:
         raise ScalingError("the Chinchilla effective size needs the run's D (training tokens)")
     e, a, b, alpha, beta = vec
@@ -514,6 +648,6 @@ def fmt_count(x: float | None) -> str:
     if math.isinf(x):
         return "inf"
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
+        if abs(x) >= div * 0.9995:  # 999.9M is 1B at three digits, not 1e+03M
             return f"{x / div:.3g}{unit}"
     return f"{x:.3g}"

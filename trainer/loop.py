@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from yoto import catalog
 from yoto.config import Config
+from yoto.evaluator import CheckpointEvaluator, EvalResult
 from yoto.events import Event, EventKind, Reason, Rollback, Severity, Sinks
 from yoto.probes.base import MicroStepContext, Sample, StepContext, Verdict
 from yoto.probes.runner import ProbeRunner
@@ -121,6 +122,11 @@ class Trainer:
         self.checkpointer = checkpointer
         self.runner = runner or ProbeRunner()
         self.tokenizer: tokenizers.Tokenizer = tokenizers.ByteTokenizer()  # run.assemble sets it
+        # few-shot evaluation of checkpoints in the background (rank 0; the CLI wires it)
+        self.evaluator: CheckpointEvaluator | None = None
+        self._evaluated_step = 0  # the newest checkpoint handed to the evaluator
+        self._unevaluated: int | None = None  # a due checkpoint skipped while it was busy
+        self.eval_skipped = 0
         self.branch = Branch()  # rolled back with the checkpoint
         self.history = History()  # survives rollbacks
         self.stop_requested = False  # set by a signal handler; agreed by all ranks
@@ -196,6 +202,7 @@ class Trainer:
         if status != "halted" and self._last_saved_step != self.branch.step:
             self.save_checkpoint()  # a halted run keeps its last good checkpoint instead
         self.finish_checkpoints()
+        self.finish_evaluations()
         return status
 
     def step_once(self) -> tuple[dict[str, float], bool]:
@@ -225,6 +232,7 @@ class Trainer:
         self._record(self.verdicts)
         notices = self.episodes.observe(step, self.decision, values)  # what pages
         values.update(self._intervention_values())
+        values.update(self._eval_results(self.evaluator.poll() if self.evaluator else []))
         self.sinks.write_step(self.branch.attempt, step, values)
         self._announce(notices)
         self.apply(self.decision)
@@ -973,6 +981,7 @@ class Trainer:
                     error=result.error,
                 )
                 continue
+            self._maybe_evaluate(result.step)
             self.event(
                 EventKind.CHECKPOINT,
                 Severity.INFO,
@@ -989,6 +998,69 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.wait()
             self._collect_checkpoints()
+
+    # --- few-shot evaluation in the background (eval.harness) ---------------------------
+
+    def _maybe_evaluate(self, step: int) -> None:
+        """A checkpoint just sealed: hand it to the evaluator when one is due. Never waits:
+        a busy evaluator skips it (counted in yoto_eval_skipped_total)."""
+        ev = self.evaluator
+        if ev is None or not ev.every or step < self._evaluated_step + ev.every:
+            return
+        assert self.checkpointer is not None
+        if ev.submit(self.checkpointer.root.parent, step):
+            self._evaluated_step, self._unevaluated = step, None
+        else:
+            self.eval_skipped += 1
+            self._unevaluated = step
+
+    def _eval_results(self, results: list[EvalResult]) -> dict[str, float]:
+        """Finished evaluations onto this step's record (the scores of the newest) and one
+        event each; their rows are already in evals/ under their own step and attempt."""
+        values: dict[str, float] = {}
+        if self.evaluator is not None:
+            values[catalog.EVAL_SKIPPED.name] = float(self.eval_skipped)
+        for r in results:
+            if r.error is not None:
+                self.event(
+                    EventKind.EVAL,
+                    Severity.WARNING,
+                    f"evaluation of checkpoint step-{r.step} failed: {r.error}",
+                    evaluated_step=r.step,
+                    error=r.error,
+                )
+                continue
+            scores = {f"{row['task']}/{row['metric']}": row["value"] for row in r.rows}
+            for row in r.rows:
+                labels = {"task": row["task"], "metric": row["metric"]}
+                values[catalog.series_key(catalog.EVAL_SCORE.name, labels)] = row["value"]
+            self.event(
+                EventKind.EVAL,
+                Severity.INFO,
+                f"few-shot scores of checkpoint step-{r.step} (attempt {r.attempt}): "
+                + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+                evaluated_step=r.step,
+                evaluated_attempt=r.attempt,
+                seconds=r.seconds,
+                scores=scores,
+            )
+        return values
+
+    def finish_evaluations(self) -> None:
+        """The end of the run (after the last checkpoint): wait for the evaluation still
+        running, then evaluate the newest checkpoint if it was skipped, within
+        eval.harness.end_timeout_seconds in all; record what finished. Rows of one that
+        outlasts the wait are still written to evals/ if its process finishes."""
+        ev = self.evaluator
+        if ev is None:
+            return
+        deadline = time.perf_counter() + self.cfg.eval.harness.end_timeout_seconds
+        results = ev.wait(max(0.0, deadline - time.perf_counter()))
+        last, root = self._unevaluated, self.checkpointer and self.checkpointer.root.parent
+        if last is not None and root is not None and ev.submit(root, last):
+            self._evaluated_step, self._unevaluated = last, None
+        results += ev.close(max(0.0, deadline - time.perf_counter()))
+        self._eval_results(results)
 
 
 def _brief(forensics: dict[str, Any] | None, top: int = 3) -> dict[str, Any] | None:

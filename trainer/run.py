@@ -23,6 +23,7 @@ import torch
 from yoto import runstore
 from yoto.config import Config
 from yoto.errors import DataError, RunFailed, YotoError
+from yoto.evaluator import CheckpointEvaluator
 from yoto.events import Event, EventKind, LiveSink, Severity, Sinks
 from yoto.probes.suite import build_runner
 from yoto.runstore import RunStore
@@ -122,13 +123,15 @@ def train(
     argv: list[str] | None = None,
     live: Callable[[], list[LiveSink]] | None = None,
     manifest_extra: dict[str, Any] | None = None,
+    evaluator: Callable[[Config], CheckpointEvaluator | None] | None = None,
 ) -> Trained:
     """Train one run (or resume one); returns its run directory and how it ended (the
     same on every rank). ``live`` makes the live
     sinks (the Prometheus exporter, the chat notifier) on rank 0 once the config and data
     have passed their checks, before the run directory exists; they are bound to the run
     and closed with it. ``manifest_extra`` adds fields to the manifest (``yoto sweep``
-    tags its runs this way)."""
+    tags its runs this way). ``evaluator`` makes rank 0's background few-shot evaluator
+    (eval.harness; the CLI passes yoto.evals', the trainer never imports it)."""
     prepared = prepare(cfg)
     record = RecordRequest(run_root, name, resume, argv or [], manifest_extra or {})
     store, sinks = _open_record(cfg, prepared, record, live)
@@ -136,6 +139,8 @@ def train(
     trainer: Trainer | None = None
     try:
         trainer = assemble(cfg, prepared, run_dir, sinks)
+        if evaluator is not None and prepared.info.is_main and cfg.eval.harness.every:
+            trainer.evaluator = evaluator(cfg)
         status = _run(trainer, run_dir, resume=resume is not None, store=store)
     except BaseException as exc:
         _record_crash(exc, trainer, store, sinks)
@@ -143,6 +148,8 @@ def train(
     finally:
         if trainer is not None:
             trainer.runner.detach()  # hooks off, the spectra worker stopped
+            if trainer.evaluator is not None:
+                trainer.evaluator.close(0.0)  # a crash does not wait for an evaluation
     if store is not None:
         _record_end(trainer, status, sinks, run_dir)
     distributed.barrier()

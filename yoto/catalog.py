@@ -179,6 +179,23 @@ VAL_LOSS = _metric(
     cadence="eval",
 )
 
+EVAL_SCORE = _metric(
+    "yoto_eval_score",
+    "gauge",
+    "",
+    "Few-shot score of the newest evaluated checkpoint (lm-eval, eval.harness), per task "
+    "and metric (acc, acc_norm: higher is better; perplexity: lower).",
+    labels=("task", "metric"),
+    cadence="eval",
+)
+EVAL_SKIPPED = _metric(
+    "yoto_eval_skipped_total",
+    "counter",
+    "",
+    "Checkpoints not evaluated because the previous evaluation was still running.",
+    cadence="eval",
+)
+
 _section("spikes", "probes/spikes.py")
 LOSS_SPIKES = _metric(
     "yoto_loss_spikes_total",

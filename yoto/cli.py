@@ -12,7 +12,8 @@
     yoto dashboards build --out DIR | push --url URL [--folder NAME]   # Grafana, from the catalog
                [--preset NAME | --config FILE] [--set key=value ...]   # probe thresholds
     yoto sweep --grid KEY=V1,V2 [--grid ...] [--preset NAME] [--set ...] [--budget B]
-    yoto scaling fit RUNS... | --table CSV [--law auto|kaplan|chinchilla] [--source S]
+    yoto scaling fit RUNS... | --table CSV [--law auto|kaplan|chinchilla|floor] [--source S]
+               [--metric val_loss|eval:TASK/METRIC]    # few-shot scores: effective size by score
     yoto explore [RUN_DIR_OR_ROOT ...] [--port N]                 # Streamlit post-mortem
 
 Errors the user can fix (a config typo, a missing data path, a damaged run directory) are
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks",
         required=True,
-        help="comma-separated lm-eval tasks, e.g. yoto_cloze_prose,yoto_next_line_code "
+        help="comma-separated lm-eval tasks, e.g. stdlib_cloze,stdlib_next_line "
         "(yoto's offline tasks) or lambada_openai,hellaswag (from the local HF cache)",
     )
     p.add_argument("--num-fewshot", type=int, help="examples in each prompt (default 0)")
@@ -294,8 +295,31 @@ def _add_scaling_parsers(sub: Any) -> None:
     p.add_argument("runs", nargs="*", metavar="RUNS", help="run directories or roots of runs")
     p.add_argument("--table", metavar="CSV", help="points from a CSV: N, D, loss[, source, name]")
     p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep")
-    p.add_argument("--law", choices=["auto", "kaplan", "chinchilla"], default="auto")
+    p.add_argument("--law", choices=["auto", "kaplan", "chinchilla", "floor"], default="auto")
     p.add_argument("--source", help="one validation source ('all' = the mean over sources)")
+    p.add_argument(
+        "--metric",
+        default="val_loss",
+        metavar="SPEC",
+        help="what to fit: val_loss (default) or eval:TASK/METRIC, a few-shot score of "
+        "yoto eval (e.g. eval:stdlib_next_line/acc_norm): each run's effective size by "
+        "that score beside the one by loss",
+    )
+    direction = p.add_mutually_exclusive_group()
+    direction.add_argument(
+        "--higher-is-better",
+        dest="higher_is_better",
+        action="store_const",
+        const=True,
+        help="--metric's metric is a share in [0, 1] that rises with N (one yoto does not know)",
+    )
+    direction.add_argument(
+        "--lower-is-better",
+        dest="higher_is_better",
+        action="store_const",
+        const=False,
+        help="--metric's metric falls with N like a loss (one yoto does not know)",
+    )
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-missing", action="store_true", help="leave out runs without val loss")
@@ -338,6 +362,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tensorboard is not None:
         cfg.live.tensorboard = args.tensorboard
     preset = config_label(args)
+    _check_harness(cfg)
     from yoto.trainer.run import train  # heavy imports (torch, DeepSpeed) only when training
 
     trained = train(
@@ -347,8 +372,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         argv=sys.argv[1:],
         live=lambda: live_sinks(cfg, preset),
+        evaluator=background_evaluator,
     )
     return EXIT_CODES[trained.status]
+
+
+def background_evaluator(cfg: config_mod.Config) -> Any:
+    """eval.harness's evaluator (yoto.evals: lm-eval in a background process)."""
+    from yoto.evals.inloop import BackgroundEvaluator
+
+    return BackgroundEvaluator(cfg.eval.harness)
+
+
+def _check_harness(cfg: config_mod.Config) -> None:
+    """Before anything is written: in-loop evaluation needs lm-eval installed."""
+    import importlib.util
+
+    if cfg.eval.harness.every and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            f"eval.harness.every={cfg.eval.harness.every} needs lm-eval: "
+            "pip install 'yoto[eval]', or set eval.harness.every=0"
+        )
 
 
 def live_sinks(cfg: config_mod.Config, preset: str) -> list[Any]:
@@ -744,6 +788,8 @@ def _scaling_fit(
     seed: int,
     skip_missing: bool,
     as_json: bool,
+    metric: str | None = None,
+    higher_is_better: bool | None = None,
 ) -> int:
     from yoto.scaling import runs as sr
 
@@ -751,6 +797,21 @@ def _scaling_fit(
         raise ConfigError("give run directories (or roots) or --table CSV, not both or neither")
     if bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {bootstrap}")
+    score = sr.parse_metric(metric, higher_is_better)
+    if score is None and higher_is_better is not None:
+        raise ConfigError("--higher-is-better/--lower-is-better go with --metric eval:TASK/METRIC")
+    if score is not None:
+        if table:
+            raise ConfigError(f"--metric {score.label} reads run directories, not --table")
+        records = sr.load_runs(runs, sweep_id)
+        if source is not None:  # an unknown source is an error, as without --metric
+            sr.groups_from_runs([r for r in records if r.val_loss], source)
+        result = sr.fit_scores(records, score, law, bootstrap, seed, source or sr.ALL)
+        if as_json:
+            print(json.dumps([sr.score_report_json(result)], indent=2))
+        else:
+            print(sr.format_score_report(result))
+        return 0
     if table:
         groups, what = sr.groups_from_table(sr.read_table(table), source), "points"
     else:
@@ -775,6 +836,8 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         args.seed,
         args.skip_missing,
         args.json,
+        args.metric,
+        args.higher_is_better,
     )
 
 

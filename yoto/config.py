@@ -236,9 +236,28 @@ class TrainConfig(Section):
         return self
 
 
+class HarnessConfig(Section):
+    """Few-shot evaluation during training (lm-eval, in a background process): the newest
+    complete checkpoint every ``every`` steps. Needs `pip install 'yoto[eval]'`."""
+
+    every: int = Field(0, ge=0, description="steps between evaluated checkpoints; 0 = off")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["stdlib_next_line", "stdlib_cloze"],
+        description="lm-eval tasks (yoto's offline ones by default)",
+    )
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(200, ge=1, description="examples per task; None = all")
+    batch_size: int = Field(8, ge=1)
+    device: str = Field("cpu", description="where the evaluator runs (cpu keeps GPUs free)")
+    end_timeout_seconds: float = Field(
+        300.0, ge=0, description="how long the end of a run waits for one still running"
+    )
+
+
 class EvalConfig(Section):
     every: int = Field(50, ge=0, description="steps between validations; 0 = only at the end")
     batches: int = Field(4, ge=1, description="micro-batches per source and rank")
+    harness: HarnessConfig = Field(default_factory=HarnessConfig)
 
 
 class CheckpointConfig(Section):

@@ -42,6 +42,7 @@ class EventKind(StrEnum):
     SEQ_LEN = "seq_len"  # a sequence-length warmup began (at the start, or after a rollback)
     DIAGNOSIS = "diagnosis"  # why a rollback's spike happened: data, state or nondeterministic
     CHAT = "chat"  # chat messages not delivered (written by the notifier, never sent to chat)
+    EVAL = "eval"  # few-shot scores of a checkpoint (eval.harness), or why there are none
 
 
 class Severity(StrEnum):

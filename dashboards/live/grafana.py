@@ -328,6 +328,12 @@ def _data() -> Board:
         (
             _ts(value(c.VAL_LOSS), title="Validation loss per source", width=12),
             _ts(
+                value(c.EVAL_SCORE),
+                title="Few-shot scores of the newest evaluated checkpoint (eval.harness)",
+                width=12,
+            ),
+            _ts(value(c.EVAL_SKIPPED), title="Checkpoints not evaluated (evaluator busy)"),
+            _ts(
                 per_second(c.SOURCE_TOKENS, ("instance", "source")),
                 title="Tokens per second per source",
                 stack="normal",

@@ -3,7 +3,10 @@
 Loss against N (non-embedding parameters) and against the approximate training compute
 C ≈ 6·N·D (``laws.compute_6nd``, Kaplan et al.'s estimate; not the trainer's exact FLOP
 count), each with the fitted law drawn through the points; residuals as
-log(observed / predicted) per run.
+log(observed / predicted) per run. The same charts draw a few-shot score's fit
+(``yoto.scaling.runs.ScoreFit``): its points hold the fitted quantity (1 - accuracy, log
+perplexity), named by ``y_title``; ``effective_table`` is the table of effective sizes by
+loss and by score.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from yoto.scaling.laws import COMPUTE_6ND_LABEL, Fit, compute_6nd, fmt_count
+from yoto.scaling.runs import ScoreFit, size_cell
 
 C_6ND = "C_6ND"  # the frames' column of approximate compute (laws.compute_6nd)
 
@@ -45,7 +49,7 @@ def curves_frame(result: Fit, frame: pd.DataFrame, samples: int = 60) -> pd.Data
     lo, hi = frame.N.min() / 1.5, frame.N.max() * 1.5
     grid = np.geomspace(lo, hi, samples)
     rows = []
-    budgets = [None] if result.law == "kaplan" else sorted(frame.D.dropna().unique())
+    budgets = [None] if result.law != "chinchilla" else sorted(frame.D.dropna().unique())
     for d in budgets:
         loss = result.predict(grid, None if d is None else np.full_like(grid, d))
         label = "law" if d is None else f"law at D={fmt_count(d)}"
@@ -69,18 +73,20 @@ def loss_vs(
     x: str,
     x_title: str,
     highlight: str | None = None,
+    y_title: str = "validation loss (nats)",
 ) -> alt.LayerChart:
-    """Points (coloured by token budget) with the fitted law; ``highlight`` a run's path."""
+    """Points (coloured by token budget) with the fitted law; ``highlight`` a run's path;
+    ``y_title`` what the points' ``loss`` column holds."""
     tooltip = [
         "run:N",
         alt.Tooltip("N:Q", format=".4s", title="N (non-embedding)"),
         alt.Tooltip("D:Q", format=".4s", title="D (tokens)"),
         alt.Tooltip(f"{C_6ND}:Q", format=".3s", title=COMPUTE_6ND_LABEL),
-        alt.Tooltip("loss:Q", format=".4f", title="val loss (nats)"),
-        alt.Tooltip("predicted:Q", format=".4f", title="law (nats)"),
+        alt.Tooltip("loss:Q", format=".4f", title=y_title),
+        alt.Tooltip("predicted:Q", format=".4f", title="law"),
     ]
     xs = alt.X(f"{x}:Q", title=x_title, scale=alt.Scale(type="log"))
-    ys = alt.Y("loss:Q", title="validation loss (nats)", scale=alt.Scale(type="log", zero=False))
+    ys = alt.Y("loss:Q", title=y_title, scale=alt.Scale(type="log", zero=False))
     dots = (
         alt.Chart(points)
         .mark_circle(size=70, opacity=0.9)
@@ -120,3 +126,31 @@ def residuals(points: pd.DataFrame) -> alt.LayerChart:
     )
     zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="gray").encode(y="zero:Q")
     return alt.layer(zero, dots).properties(height=220)
+
+
+def effective_table(sf: ScoreFit) -> pd.DataFrame:
+    """One row per fitted run: N, its loss and effective size by loss, its score, the law's
+    score and its effective size by score (with the bootstrap interval) and the ratio."""
+    metric = sf.metric.metric
+    rows = []
+    for row in sf.rows():
+        eff, by_loss = row["effective_size"], row["effective_size_by_loss"]
+        finite = eff.finite and not np.isnan(eff.value)
+        rows.append(
+            {
+                "run": row["name"],
+                "N": fmt_count(row["N"]),
+                "step": row["step"],
+                "loss": row["loss"],
+                "N_eff(loss)": size_cell(by_loss, row["N"], interval=False),
+                metric: row["score"],
+                f"law's {metric}": row["predicted_score"],
+                "N_eff(score)": size_cell(eff, None, interval=False),
+                f"{sf.fit.confidence:.0%} interval": (
+                    f"[{fmt_count(eff.low)}, {fmt_count(eff.high)}]" if finite else "-"
+                ),
+                "× its size": eff.value / row["N"] if finite else np.nan,
+                "path": row["path"],
+            }
+        )
+    return pd.DataFrame(rows)

@@ -20,13 +20,14 @@ TARGET = {"instance": "node1:9477", "job": m.SCRAPE_JOB}
 RUN = {"run": "20261128-demo-ab12", "name": "demo", "preset": "tiny"}
 
 
-def series(metric: m.Metric | str, values: str, **labels: str) -> dict:
-    name = metric if isinstance(metric, str) else metric.name
+def series(of: m.Metric | str, values: str, **labels: str) -> dict:
+    name = of if isinstance(of, str) else of.name
     inner = ",".join(f'{k}="{v}"' for k, v in {**TARGET, **labels}.items())
     return {"series": f"{name}{{{inner}}}", "values": values}
 
 
 INFO = series(m.RUN_INFO, "1x200", **RUN)
+SCORE = {"task": "stdlib_next_line", "metric": "acc"}  # labels of a few-shot score
 # rule -> (series that make it fire, series that keep it quiet, extra labels of the alert,
 #          minutes after which it is evaluated)
 CASES: dict[str, tuple[list[dict], list[dict], dict[str, str], int]] = {
@@ -99,6 +100,12 @@ CASES: dict[str, tuple[list[dict], list[dict], dict[str, str], int]] = {
         {},
         9,
     ),
+    "YotoFewShotScoreFell": (
+        [series(m.EVAL_SCORE, "0.5 0.5 0.4 0.4", **SCORE), INFO],
+        [series(m.EVAL_SCORE, "0.5 0.5 0.48 0.48", **SCORE), INFO],
+        SCORE,
+        3,
+    ),
     "YotoSpectraOutOfBand": (
         [series(m.EVENTS, "0 0 1 1", kind="spectra", severity="warning"), INFO],
         [series(m.EVENTS, "0 0 1 1", kind="spectra", severity="info"), INFO],
@@ -113,6 +120,7 @@ def expected(rule: rules.Rule, extra: dict[str, str], joined: bool) -> dict:
     if joined:
         labels.update({"run": RUN["run"], "name": RUN["name"]})
     subst = {"{{ $labels.name }}": RUN["name"], "{{ $labels.instance }}": TARGET["instance"]}
+    subst.update({f"{{{{ $labels.{k} }}}}": v for k, v in extra.items()})
 
     def fill(text: str) -> str:
         for k, v in subst.items():

@@ -1,5 +1,7 @@
 """Scaling: the runs against a fitted scaling law, and what size of model a run performs
-like (its effective size). The fits are yoto.scaling's, the same as ``yoto scaling fit``."""
+like (its effective size). The fits are yoto.scaling's, the same as ``yoto scaling fit``;
+the metric is the validation loss or a few-shot score (``--metric eval:TASK/METRIC``),
+whose effective size by score stands beside the one by loss."""
 
 from __future__ import annotations
 
@@ -13,12 +15,20 @@ from yoto.dashboards.postmortem import data, ui
 from yoto.dashboards.postmortem import scaling_charts as charts
 from yoto.errors import RunDirError
 from yoto.scaling import runs as sr
-from yoto.scaling.laws import COMPUTE_6ND_LABEL, PARAMETER_COUNT, Point, ScalingError, fmt_count
+from yoto.scaling.laws import (
+    COMPUTE_6ND_LABEL,
+    LAW_NAMES,
+    PARAMETER_COUNT,
+    Point,
+    ScalingError,
+    fmt_count,
+)
 
 LAWS = {
     "auto": "auto (Chinchilla when D varies enough)",
     "kaplan": "Kaplan L(N)",
     "chinchilla": "Chinchilla L(N, D)",
+    "floor": "floor E + A/N^α",
 }
 ALL_RUNS = "(all runs)"
 
@@ -41,6 +51,17 @@ def fit_points(points: tuple[tuple, ...], law: str, bootstrap: int):
     return sr.fit_points(pts, law, bootstrap)
 
 
+@st.cache_data(show_spinner="fitting…", max_entries=32)
+def fit_scores(
+    paths: tuple[str, ...], prints: tuple, metric: str, law: str, bootstrap: int, source: str
+):
+    """The few-shot score's fit over these runs (``yoto scaling fit --metric``)."""
+    records, _ = read_records(paths, prints)
+    spec = sr.parse_metric(metric)
+    assert spec is not None
+    return sr.fit_scores(records, spec, law, bootstrap, loss_source=source)
+
+
 def render() -> None:
     st.title("Scaling")
     st.caption(
@@ -54,21 +75,23 @@ def render() -> None:
     for line in bad:
         st.warning(f"Left out an unreadable run: {line}")
     usable = [r for r in records if r.val_loss and r.n and r.d]
+    scored = [r for r in records if r.scores and r.n]  # few-shot scores (yoto eval)
+    pool = usable + [r for r in scored if r not in usable]
     left_out = [r for r in records if r not in usable]
     if left_out:
         st.caption(
-            f"{len(left_out)} run(s) without a validation loss, N or D are left out: "
-            + ", ".join(r.name or r.id for r in left_out)
+            f"{len(left_out)} run(s) without a validation loss, N or D are left out of the "
+            "loss fit: " + ", ".join(r.name or r.id for r in left_out)
         )
-    if not usable:
+    if not pool:
         st.info("No run has a validation loss yet: a fit needs finished runs of several sizes.")
         return
 
     selected = st.session_state.get(ui.RUN)
-    chosen = next((r for r in usable if str(r.path) == selected), None)
-    sweeps = sorted({r.sweep["id"] for r in usable if r.sweep})
+    chosen = next((r for r in pool if str(r.path) == selected), None)
+    sweeps = sorted({r.sweep["id"] for r in pool if r.sweep})
     default = chosen.sweep["id"] if chosen is not None and chosen.sweep else None
-    cols = st.columns(4)
+    cols = st.columns(5)
     options = [*sweeps, ALL_RUNS]
     sweep = cols[0].selectbox(
         "runs",
@@ -77,16 +100,27 @@ def render() -> None:
         key="scaling_sweep",
         help="the runs of one sweep (yoto sweep), or every run found",
     )
-    fitted = (
-        usable if sweep == ALL_RUNS else [r for r in usable if (r.sweep or {}).get("id") == sweep]
-    )
+    in_sweep = [r for r in pool if sweep == ALL_RUNS or (r.sweep or {}).get("id") == sweep]
+    fitted = [r for r in in_sweep if r in usable]
+    metric = cols[1].selectbox(
+        "metric", [sr.VAL_LOSS, *sr.score_labels(in_sweep)], key="scaling_metric",
+        format_func=lambda m: "validation loss" if m == sr.VAL_LOSS else m,
+        help="fit the validation loss, or a few-shot score of yoto eval (its effective size "
+        "by score beside the one by loss)",
+    )  # fmt: skip
     sources = [sr.ALL, *sr.sources_of(fitted)] if len(sr.sources_of(fitted)) > 1 else [sr.ALL]
-    source = cols[1].selectbox(
+    source = cols[2].selectbox(
         "loss", sources, key="scaling_source",
         format_func=lambda s: "mean over sources" if s == sr.ALL else f"source {s}",
     )  # fmt: skip
-    law = cols[2].selectbox("law", list(LAWS), format_func=LAWS.get, key="scaling_law")
-    bootstrap = cols[3].number_input("bootstrap resamples", 0, 1000, 100, 50, key="scaling_boot")
+    law = cols[3].selectbox("law", list(LAWS), format_func=LAWS.get, key="scaling_law")
+    bootstrap = cols[4].number_input("bootstrap resamples", 0, 1000, 100, 50, key="scaling_boot")
+    if metric != sr.VAL_LOSS:
+        _render_scores(in_sweep, metric, law, int(bootstrap), source, chosen)
+        return
+    if not fitted:
+        st.info("No run here has a validation loss yet: pick a few-shot metric, or other runs.")
+        return
 
     points = sr.points_from_runs(fitted, source)
     key = tuple((p.n, p.d, p.loss, p.name) for p in points)
@@ -98,7 +132,7 @@ def render() -> None:
 
     frame = charts.points_frame(result, [str(r.path) for r in fitted])
     curves = charts.curves_frame(result, frame)
-    st.subheader(f"{'Kaplan' if result.law == 'kaplan' else 'Chinchilla'} law ({why})")
+    st.subheader(f"{LAW_NAMES[result.law]} law ({why})")
     st.code(result.formula(), language=None)
     st.dataframe(_params_table(result), hide_index=True)
     if result.at_bounds():
@@ -124,7 +158,70 @@ def render() -> None:
     st.markdown("**Residuals** (the runs the law explains worst are the ones to look at)")
     st.altair_chart(charts.residuals(frame), width="stretch")
 
-    _verdict(result, usable, chosen, source)
+    _verdict(result, usable, chosen if chosen in usable else None, source)
+
+
+def _render_scores(runs: list, metric: str, law: str, bootstrap: int, source: str, chosen) -> None:
+    """The few-shot score's fit, its charts and the effective sizes by loss and by score."""
+    paths = tuple(str(r.path) for r in runs)
+    try:
+        sf = fit_scores(
+            paths, tuple(data.fingerprint(Path(p)) for p in paths), metric, law, bootstrap, source
+        )
+    except ScalingError as exc:
+        st.warning(f"No fit: {exc}")
+        return
+    result = sf.fit
+    st.subheader(f"{LAW_NAMES[result.law]} law ({sf.why}) on {metric}")
+    st.caption(f"{sf.metric.describe()}; each run's final score (its newest evaluated step)")
+    st.code(result.formula(), language=None)
+    st.dataframe(_params_table(result), hide_index=True)
+    for note in sf.notes:
+        st.caption(f"Note: {note}")
+    if result.at_bounds():
+        st.warning(
+            f"{', '.join(result.at_bounds())} sit at the edge of the search box: these runs "
+            "do not determine them (add model sizes)."
+        )
+    frame = charts.points_frame(result, [str(r.path) for r in sf.runs])
+    curves = charts.curves_frame(result, frame)
+    highlight = str(chosen.path) if chosen is not None else None
+    y_title = sf.metric.quantity if sf.metric.fitted != "error" else f"1 − {sf.metric.metric}"
+    left, right = st.columns(2)
+    with left:
+        st.markdown(f"**{y_title} vs model size**")
+        st.altair_chart(
+            charts.loss_vs(frame, curves, "N", "non-embedding parameters N", highlight, y_title),
+            width="stretch",
+        )
+    with right:
+        st.markdown(f"**{y_title} vs approximate compute (6·N·D)**")
+        st.altair_chart(
+            charts.loss_vs(frame, curves, charts.C_6ND, COMPUTE_6ND_LABEL, highlight, y_title),
+            width="stretch",
+        )
+    st.markdown("**Residuals** (log of observed / law)")
+    st.altair_chart(charts.residuals(frame), width="stretch")
+    st.subheader("Effective size by score and by loss")
+    if sf.loss_fit is not None:
+        st.caption(f"by loss: {LAW_NAMES[sf.loss_fit.law]} law, {sf.loss_fit.formula()}")
+    else:
+        st.caption(f"by loss: {sf.loss_why}")
+    table = charts.effective_table(sf)
+    st.dataframe(table.drop(columns="path"), hide_index=True)
+    if sf.skipped:
+        st.caption(
+            f"{len(sf.skipped)} run(s) skipped: "
+            + "; ".join(f"{r.name or r.id}: {why}" for r, why in sf.skipped)
+        )
+    pick = str(chosen.path) if chosen is not None and str(chosen.path) in paths else None
+    row = next((r for r in sf.rows() if r["path"] == pick), None)
+    if row is not None and row["effective_size"].finite:
+        eff = row["effective_size"]
+        st.markdown(
+            f"**{row['name']}** performs like a {fmt_count(eff.value)}-parameter model on "
+            f"{sf.metric.key} ({eff.value / row['N']:.2g}× its size)."
+        )
 
 
 def _params_table(result) -> pd.DataFrame:
@@ -172,7 +269,7 @@ def _verdict(result, usable: list, chosen, source: str) -> None:
     c1.metric("performs like", f"{fmt_count(eff.value)} params")
     c2.metric("its size (non-embedding)", f"{fmt_count(run.n)} params")
     c3.metric("ratio", f"{eff.value / run.n:.2f}×")
-    st.markdown(f"**{run.name or run.id}** {sr.verdict(eff, run.n)}.")
+    st.markdown(f"**{run.name or run.id}** {sr.verdict(eff, run.n, result.law)}.")
 
 
 ui.guarded(render)
