@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="the prepared directory")
     p.add_argument(
-        "--workers", type=int, help="tokenizer processes (default: one per CPU core; 0 = none)"
+        "--workers",
+        type=int,
+        help="tokenizer processes (default: one per CPU core; 0 = in this process, the "
+        "default for data.tokenizer=bytes)",
     )
     p.add_argument("--force", action="store_true", help="replace what --out holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -153,14 +153,40 @@ class MemorySink:
         self.parts, self.size = [self.array()[:n]], n
 
 
+class DocSink(Protocol):
+    """Where a training stream's document index is written: memory or files."""
+
+    count: int
+
+    def add(self, start: int, doc_id: str) -> None: ...
+    def keep_before(self, cut: int) -> None: ...  # drop the documents starting at/after cut
+
+
+class MemoryDocs:
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ids: list[str] = []
+        self.count = 0
+
+    def add(self, start: int, doc_id: str) -> None:
+        self.starts.append(start)
+        self.ids.append(doc_id)
+        self.count += 1
+
+    def keep_before(self, cut: int) -> None:
+        kept = int(np.searchsorted(self.starts, cut, side="left"))
+        self.starts, self.ids, self.count = self.starts[:kept], self.ids[:kept], kept
+
+    def index(self) -> ArrayDocs:
+        return ArrayDocs(np.asarray(self.starts, dtype=np.int64), self.ids)
+
+
 @dataclass
 class SplitCounts:
     train_tokens: int
     val_tokens: int
     train_docs: int
     val_docs: int
-    starts: list[int]  # training documents' starts
-    ids: list[str]
 
 
 class SplitBuilder:
@@ -177,22 +203,21 @@ class SplitBuilder:
         dtype: np.dtype,
         train: Sink,
         val: Sink,
+        docs: DocSink | None = None,
     ) -> None:
         self.name, self.val_fraction, self.min_tokens = name, val_fraction, min_tokens
         self.eos = np.array([eos_id], dtype=dtype)
         self.train, self.val = train, val
-        self.starts: list[int] = []
-        self.ids: list[str] = []
+        self.docs: DocSink = docs if docs is not None else MemoryDocs()
         self.val_docs = 0
 
     def add(self, doc_id: str, ids: np.ndarray) -> None:
-        if self.starts and held_out(doc_id, self.val_fraction):
+        if self.docs.count and held_out(doc_id, self.val_fraction):
             self.val.write(ids)
             self.val.write(self.eos)
             self.val_docs += 1
             return
-        self.starts.append(self.train.size)
-        self.ids.append(doc_id)
+        self.docs.add(self.train.size, doc_id)
         self.train.write(ids)
         self.train.write(self.eos)
 
@@ -209,11 +234,8 @@ class SplitBuilder:
             cut = self.train.size - move
             self.val.write(self.train.tail(move))
             self.train.truncate(cut)
-            kept = int(np.searchsorted(self.starts, cut, side="left"))
-            self.starts, self.ids = self.starts[:kept], self.ids[:kept]
-        return SplitCounts(
-            self.train.size, self.val.size, len(self.starts), self.val_docs, self.starts, self.ids
-        )
+            self.docs.keep_before(cut)
+        return SplitCounts(self.train.size, self.val.size, self.docs.count, self.val_docs)
 
 
 # --- documents to tokens --------------------------------------------------------------------
@@ -320,14 +342,10 @@ def split_documents(
 
 def _in_memory(name: str, builder: SplitBuilder, train: MemorySink, val: MemorySink) -> SourceSplit:
     counts = builder.finish()
+    assert isinstance(builder.docs, MemoryDocs)
+    index = builder.docs.index()
     return SourceSplit(
-        name,
-        train.array(),
-        val.array(),
-        counts.train_docs,
-        counts.val_docs,
-        ArrayDocs(np.asarray(counts.starts, dtype=np.int64), counts.ids),
-        TEXT,
+        name, train.array(), val.array(), counts.train_docs, counts.val_docs, index, TEXT
     )
 
 

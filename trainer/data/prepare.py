@@ -102,7 +102,8 @@ def prepare(
                 "prepare` reads raw text (files, folders, JSONL, Parquet); train on it as is"
             )
     tok = tokenizers.load(cfg.data.tokenizer, cfg.data.eos)
-    workers = max(0, os.cpu_count() or 1) if workers is None else workers
+    if workers is None:  # bytes encode at numpy speed: shipping them to workers costs more
+        workers = 0 if tok.digest == tokenizers.BYTES else os.cpu_count() or 1
     root = Path(out).expanduser()
     fp = fingerprint(cfg, tok)
     done = _claim(root, fp, force)
@@ -224,6 +225,7 @@ def _writer(
         dtype=tok.dtype,
         train=writer.train,
         val=writer.val,
+        docs=writer.docs,
     )
     return builder, writer
 

@@ -105,6 +105,51 @@ class FileSink:
         self.size = n
 
 
+class FileDocs:
+    """A training stream's document index appended to files as documents arrive (memory
+    stays flat however many there are): starts, ids back to back, and their offsets."""
+
+    def __init__(self, directory: Path) -> None:
+        self.paths = {n: directory / (n + TMP) for n in (DOCS, IDS, IDX)}
+        self.files = {n: open(p, "w+b") for n, p in self.paths.items()}  # noqa: SIM115
+        self.files[IDX].write(np.zeros(1, dtype="<i8").tobytes())
+        self.count = 0
+        self._blob = 0
+
+    def add(self, start: int, doc_id: str) -> None:
+        blob = doc_id.encode("utf-8", "surrogateescape")
+        self._blob += len(blob)
+        self.files[DOCS].write(np.array([start], dtype="<i8").tobytes())
+        self.files[IDS].write(blob)
+        self.files[IDX].write(np.array([self._blob], dtype="<i8").tobytes())
+        self.count += 1
+
+    def keep_before(self, cut: int) -> None:
+        for f in self.files.values():
+            f.flush()
+        if self.count == 0:
+            return
+        starts = np.memmap(self.paths[DOCS], dtype="<i8", mode="r", shape=(self.count,))
+        kept = int(np.searchsorted(starts, cut, side="left"))
+        offsets = np.memmap(self.paths[IDX], dtype="<i8", mode="r", shape=(self.count + 1,))
+        blob = int(offsets[kept])
+        del starts, offsets
+        for name, size in ((DOCS, 8 * kept), (IDX, 8 * (kept + 1)), (IDS, blob)):
+            self.files[name].truncate(size)
+            self.files[name].seek(0, os.SEEK_END)
+        self.count, self._blob = kept, blob
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.flush()
+            f.close()
+
+    def abort(self) -> None:
+        self.close()
+        for p in self.paths.values():
+            p.unlink(missing_ok=True)
+
+
 class SourceWriter:
     """One source's files in a prepared directory, complete or absent."""
 
@@ -115,18 +160,14 @@ class SourceWriter:
             stale.unlink()
         self.train = FileSink(self.dir / (TRAIN + TMP), dtype)
         self.val = FileSink(self.dir / (VAL + TMP), dtype)
+        self.docs = FileDocs(self.dir)
 
     def commit(self, counts: SplitCounts, extra: dict[str, Any]) -> dict[str, Any]:
         for sink in (self.train, self.val):
             sink.file.flush()
             os.fsync(sink.file.fileno())
             sink.file.close()
-        np.asarray(counts.starts, dtype="<i8").tofile(self.dir / (DOCS + TMP))
-        blobs = [i.encode("utf-8", "surrogateescape") for i in counts.ids]
-        (self.dir / (IDS + TMP)).write_bytes(b"".join(blobs))
-        offsets = np.zeros(len(blobs) + 1, dtype="<i8")
-        np.cumsum([len(b) for b in blobs], out=offsets[1:])
-        offsets.tofile(self.dir / (IDX + TMP))
+        self.docs.close()
         for name in (TRAIN, VAL, DOCS, IDS, IDX):
             os.replace(self.dir / (name + TMP), self.dir / name)
         record = {
@@ -143,6 +184,7 @@ class SourceWriter:
         for sink in (self.train, self.val):
             sink.file.close()
             sink.path.unlink(missing_ok=True)
+        self.docs.abort()
 
 
 # --- reading ------------------------------------------------------------------------------
