@@ -24,6 +24,7 @@ PAGES = [
     st.Page(VIEWS / "layers.py", title="Layers", icon=":material/layers:"),
     st.Page(VIEWS / "spectra.py", title="Spectra", icon=":material/equalizer:"),
     st.Page(VIEWS / "compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page(VIEWS / "evals.py", title="Evals", icon=":material/fact_check:"),
     st.Page(VIEWS / "throughput.py", title="Throughput", icon=":material/speed:"),
     st.Page(VIEWS / "scaling.py", title="Scaling", icon=":material/trending_down:"),
 ]

@@ -17,6 +17,7 @@ PAGES = {  # views/ file -> title
     "layers": "Layers",
     "spectra": "Spectra",
     "compare": "Compare",
+    "evals": "Evals",
     "throughput": "Throughput",
     "scaling": "Scaling",
 }
