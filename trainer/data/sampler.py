@@ -28,7 +28,9 @@ from .permutation import Permutation
 from .tokenizer import BYTES
 
 _BLOCK = 4096  # source draws of the mixture are made this many at a time
-_BEFORE_WAVE_2 = {"alpha": 1.0, "tokenizer": BYTES}  # what older checkpoints did not record
+ORDER = "feistel-1"  # how sequence k's window is chosen (permutation.py); in checkpoints
+# what older checkpoints did not record: their order was a materialised rng.permutation
+_BEFORE_WAVE_2 = {"alpha": 1.0, "tokenizer": BYTES, "order": "rng-permutation"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,7 @@ class Sampler:
             "sources": list(self.sources),
             "alpha": self.alpha,
             "tokenizer": self.tokenizer,
+            "order": ORDER,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -238,6 +241,7 @@ class Sampler:
                 ("sources", list(self.sources)),
                 ("alpha", self.alpha),
                 ("tokenizer", self.tokenizer),
+                ("order", ORDER),
             )
             if state.get(key, _BEFORE_WAVE_2.get(key)) != now
         ]
