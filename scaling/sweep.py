@@ -301,11 +301,14 @@ def run(
     progress: bool = False,
     argv: list[str] | None = None,
     live: Callable[[config_mod.Config], list[Any]] | None = None,
+    evaluator: Callable[[config_mod.Config], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the points in order. A point that fails is recorded and the sweep goes on
     (the others are still worth having); Ctrl-C stops the sweep. ``live(cfg)`` makes a
     point's live sinks (``yoto train``'s exporter and notifier): the points serve
-    ``/metrics`` one after another on the same address, told apart by ``yoto_run_info``."""
+    ``/metrics`` one after another on the same address, told apart by ``yoto_run_info``.
+    ``evaluator`` is ``yoto train``'s background few-shot evaluator (eval.harness), so a
+    sweep's points get the scores the downstream scaling fit reads."""
     from yoto.trainer.run import train  # heavy imports only when training
 
     results = []
@@ -326,6 +329,7 @@ def run(
                 argv=argv,
                 live=(lambda cfg=cfg: live(cfg)) if live is not None else None,
                 manifest_extra={"sweep": plan_.tag(point)},
+                evaluator=evaluator,
             )
             entry.update(status=status, run_dir=str(run_dir))
         except Exception as exc:  # one bad point must not lose the others

@@ -580,7 +580,48 @@ def show_run(run_dir: str | Path) -> dict[str, Any]:
         "events": events,
         "gaps": [str(g) for g in runstore.find_gaps(path)],
         "chat": dataclasses.asdict(chat) if (chat := outbox.summarize(path)) else None,
+        "evals": _newest_scores(path),
     }
+
+
+def _newest_scores(path: Path) -> list[dict[str, Any]]:
+    """The newest few-shot score of each task/metric (``yoto scaling fit``'s final score:
+    the newest evaluated step, ties to the highest attempt, then to the row written last),
+    with the branch it is on: ``abandoned`` when a later attempt re-trained its step."""
+    from yoto.scaling.runs import final_scores
+
+    scores = final_scores(path)
+    if not scores:
+        return []
+    firsts: dict[int, int] = {}
+    for file in runstore.segment_files(path):
+        span = runstore.segment_span(file.name)
+        if span is None:  # a segment named otherwise: its rows say
+            rows = runstore.read_metrics(path)
+            firsts = {}
+            for a, s in zip(rows["attempt"].to_pylist(), rows["step"].to_pylist(), strict=True):
+                firsts[a] = min(firsts.get(a, s), s)
+            break
+        firsts[span[0]] = min(firsts.get(span[0], span[1]), span[1])
+    out = []
+    for key, sc in scores.items():
+        task, _, metric = key.rpartition("/")
+        later = [first for a, first in firsts.items() if a > sc.attempt]
+        out.append(
+            {
+                "task": task,
+                "metric": metric,
+                "value": sc.value,
+                "stderr": sc.stderr,
+                "step": sc.step,
+                "attempt": sc.attempt,
+                "num_fewshot": sc.num_fewshot,
+                "limit": None if sc.limit is None or sc.limit < 0 else sc.limit,
+                "tokens": sc.d,
+                "branch": "abandoned" if later and sc.step >= min(later) else "surviving",
+            }
+        )
+    return out
 
 
 def _status_line(manifest: dict[str, Any]) -> str:
@@ -627,6 +668,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    lines.extend(_score_lines(info["evals"]))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s["events"].items())) or "none"
     lines.append(f"events   {counts}")
     if info["chat"]:
@@ -651,6 +693,24 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     )
     print("\n".join(lines))
     return 0
+
+
+def _score_lines(scores: list[dict[str, Any]]) -> list[str]:
+    """The few-shot section: each task/metric's newest score, where and how it was taken."""
+    keys = [f"{r['task']}/{r['metric']}" for r in scores]
+    width = max(map(len, keys), default=0)
+    lines = []
+    for i, (key, r) in enumerate(zip(keys, scores, strict=True)):
+        line = f"{'few-shot' if i == 0 else '':8s} {key:{width}s}  {r['value']:.4f}"
+        if r["stderr"] is not None:
+            line += f" ± {r['stderr']:.4f}"
+        line += f"  step {r['step']}, attempt {r['attempt']}"
+        if r["num_fewshot"] is not None:
+            line += f", {r['num_fewshot']}-shot"
+        if r["branch"] == "abandoned":
+            line += ", on an abandoned branch (a later attempt re-trained this step)"
+        lines.append(line)
+    return lines
 
 
 def _manifest_lines(m: dict[str, Any]) -> list[str]:
@@ -758,6 +818,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.metrics_addr is not None:
         for point in plan.points:
             point.cfg.live.metrics_addr = args.metrics_addr
+    for point in plan.points[:1]:
+        _check_harness(point.cfg)
     label = config_label(args)
     results = sweep.run(
         plan,
@@ -765,6 +827,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress=args.progress,
         argv=sys.argv[1:],
         live=lambda cfg: live_sinks(cfg, label),
+        evaluator=background_evaluator,
     )
     failed = [r for r in results if r["status"] != "finished"]
     print(f"sweep {plan.id}: {len(results) - len(failed)} of {len(results)} runs finished")
