@@ -63,7 +63,7 @@ def fingerprint(run: Path) -> tuple:
         if f.exists():
             st_ = f.stat()
             items.append((name, st_.st_size, st_.st_mtime_ns))
-    for folder in (runstore.METRICS, runstore.LAYERS, runstore.SPECTRA):
+    for folder in (runstore.METRICS, runstore.LAYERS, runstore.SPECTRA, runstore.EVALS):
         d = run / folder
         if d.is_dir():
             names = os.listdir(d)

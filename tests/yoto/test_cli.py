@@ -166,3 +166,45 @@ def test_runs_list_shows_a_lone_run_without_its_manifest(tmp_path: Path, capsys)
     rc, out, _ = run_cli(capsys, "runs", "list", str(tmp_path))
     assert rc == 0 and "no runs under" not in out
     assert _row(out, run)[0].split()[1] == "damaged"
+
+
+def test_runs_show_lists_the_newest_few_shot_scores(tmp_path: Path, capsys) -> None:
+    """Each task/metric's newest score with its step, attempt and n-shot; one a rollback
+    undid (attempt 0's step 10, re-trained by attempt 1 from step 9) says so."""
+    store = runstore.RunStore.create(tmp_path, "scored", "model:\n  seq_len: 8\n")
+    for attempt, steps in ((0, range(1, 11)), (1, range(9, 13))):
+        for step in steps:
+            store.write_step(attempt, step, {LOSS: 5.0 - 0.1 * step, TOKENS: 64.0 * step})
+    store.close("finished")
+    run = store.path
+    rc, out, _ = run_cli(capsys, "runs", "show", str(run))
+    assert rc == 0 and "few-shot" not in out  # no evaluations: no section
+    assert json.loads(run_cli(capsys, "runs", "show", str(run), "--json")[1])["evals"] == []
+
+    def row(task: str, metric: str, value: float, stderr: float, shots: int) -> dict:
+        return {"task": task, "metric": metric, "value": value, "stderr": stderr,
+                "num_fewshot": shots, "limit": -1, "backend": "YotoLM"}  # fmt: skip
+
+    runstore.append_records(run, runstore.EVALS, 0, 4, [row("cloze", "acc", 0.5, 0.05, 0)])
+    runstore.append_records(run, runstore.EVALS, 0, 8, [row("cloze", "acc", 0.6, 0.04, 0)])
+    runstore.append_records(
+        run, runstore.EVALS, 0, 10, [row("next", "bits_per_byte", 2.5, float("nan"), 5)]
+    )
+    runstore.append_records(run, runstore.EVALS, 1, 12, [row("cloze", "acc", 0.7, 0.03, 0)])
+    rc, out, _ = run_cli(capsys, "runs", "show", str(run))
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith(("few-shot", "         "))]
+    assert lines == [
+        "few-shot cloze/acc           0.7000 ± 0.0300  step 12, attempt 1, 0-shot",
+        "         next/bits_per_byte  2.5000  step 10, attempt 0, 5-shot, on an abandoned "
+        "branch (a later attempt re-trained this step)",
+    ]
+    info = json.loads(run_cli(capsys, "runs", "show", str(run), "--json")[1])
+    assert info["evals"] == [
+        {"task": "cloze", "metric": "acc", "value": 0.7, "stderr": 0.03, "step": 12,
+         "attempt": 1, "num_fewshot": 0, "limit": None, "tokens": 768.0,
+         "branch": "surviving"},
+        {"task": "next", "metric": "bits_per_byte", "value": 2.5, "stderr": None, "step": 10,
+         "attempt": 0, "num_fewshot": 5, "limit": None, "tokens": 640.0,
+         "branch": "abandoned"},
+    ]  # fmt: skip
