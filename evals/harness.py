@@ -127,12 +127,13 @@ class YotoLM(TemplateLM):
         prefix = torch.tensor(prefixes, device=self.device) if self.prefix_lm else None
         # over every row of the embedding, padding included: the distribution the model
         # was trained and validated with (and the one an exported copy computes)
-        logits = self.model(idx.to(self.device), prefix_len=prefix)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        logits = self.model(idx.to(self.device), prefix_len=prefix)  # (B, T, V)
         results = []
         for i, (a, b, cont) in enumerate(spans):
             target = torch.tensor(cont, dtype=torch.long, device=self.device)
-            piece = logp[i, a:b]  # positions a..b-1 predict the continuation's tokens
+            # positions a..b-1 predict the continuation's tokens; the softmax of those
+            # only (a (B, T, V) fp32 copy would be GBs at a 50k vocabulary)
+            piece = F.log_softmax(logits[i, a:b].float(), dim=-1)
             total = piece.gather(1, target[:, None]).sum()
             greedy = bool((piece.argmax(-1) == target).all())
             results.append((float(total), greedy))
