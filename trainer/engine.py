@@ -68,10 +68,9 @@ def check_model(cfg: Config, device: torch.device) -> None:
         raise ConfigError(
             "model.attention.prefix_loss=true was removed: inside a prefix-LM's "
             "bidirectional prefix every position sees the token it would be trained to "
-            "predict, so that loss leaks the answer (0.23 against 2.98 causally on a "
-            "step-500 checkpoint). Prefix-LMs now train on the targets after the prefix "
-            "only (T5's convention); delete the key (a resume of a run made with it is "
-            "not possible: start a new run)"
+            "predict, so that loss leaks the answer. Prefix-LMs now train on the targets "
+            "after the prefix only (T5's convention); delete the key (a resume of a run "
+            "made with it is not possible: start a new run)"
         )
     if cfg.model.attention.backend == "flex" and device.type != "cuda":
         raise ConfigError(
