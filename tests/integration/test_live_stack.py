@@ -56,6 +56,8 @@ EMPTY_BECAUSE = {
     catalog.Z_LOSS.name: "z-loss is off (model.z_loss=0)",
     catalog.STEP_SKIPPED.name: "skip-step is off (optim.skip_step.enabled=false)",
     catalog.SKIPPED_STEPS.name: "skip-step is off: no update was skipped",
+    catalog.EVAL_SCORE.name: "few-shot evaluation is off (eval.harness.every=0)",
+    catalog.EVAL_SKIPPED.name: "few-shot evaluation is off (eval.harness.every=0)",
 }
 
 

@@ -18,6 +18,7 @@ from yoto import catalog, runstore
 from yoto.config import TrainConfig
 from yoto.errors import ConfigError
 from yoto.trainer.batch_control import BatchController
+from yoto.trainer.episodes import Outcome
 from yoto.trainer.faults import parse_fault
 from yoto.trainer.schedule import learning_rate
 
@@ -186,12 +187,19 @@ def test_clean_thousand_step_run_makes_no_intervention(tmp_path: Path) -> None:
     run = train_in_process(tmp_path, *args)
     events = runstore.read_events(run)
     kinds = {e["kind"] for e in events}
-    assert not kinds & {"rollback", "halt", "lr_cooldown", "spike", "alert", "episode"}, kinds
+    assert not kinds & {"rollback", "halt", "lr_cooldown", "alert"}, kinds
     # skip-step at its defaults (6 sigma over 128 steps) leaves out a rare grad-norm outlier
-    # of a clean run (1 of 1,000 here: step 355, norm 2.07, loss unremarkable): at most a
-    # few, never a page
+    # of a clean run (1 of 1,000 here: step 328, norm 3.39 against a limit of 2.90, loss
+    # unremarkable): at most a few, never a page
     skipped = [e for e in events if e["kind"] == "skip_step"]
     assert len(skipped) <= 5 and all(e["severity"] == "warning" for e in skipped), skipped
+    # the spike detectors may see such an outlier too; then it is an episode that skip-step
+    # absorbed (its update left out), never one that pages or rolls back
+    left_out = {e["step"] for e in skipped}
+    spikes = [e for e in events if e["kind"] == "spike"]
+    assert all(e["step"] in left_out and e["severity"] != "critical" for e in spikes), spikes
+    for e in (e for e in events if e["kind"] == "episode"):
+        assert e["data"]["outcome"] == Outcome.ABSORBED and not e["data"]["episode"]["paged"]
     assert runstore.read_metrics(run)[catalog.SKIPPED_STEPS.name][-1].as_py() == len(skipped)
     changes = [e for e in events if e["kind"] == "batch_size"]
     assert {e["data"]["reason"] for e in changes} == {"warmup"}
