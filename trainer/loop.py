@@ -966,6 +966,10 @@ class Trainer:
                     part.load_state_dict(client[key])
             self.history.saw_attempt(self.branch.attempt)
         self._last_saved_step = self.branch.step
+        # the new branch's checkpoints are other models: due for evaluation again
+        self._evaluated_step = min(self._evaluated_step, self.branch.step)
+        if self._unevaluated is not None and self._unevaluated > self.branch.step:
+            self._unevaluated = None  # a checkpoint of the abandoned branch
 
     def _collect_checkpoints(self) -> None:
         if self.checkpointer is None or not self.info.is_main:
