@@ -314,7 +314,10 @@ class SeriesWatch:
     def load(self, state: dict[str, Any]) -> None:
         for rule, saved in zip(self.rules, state["rules"], strict=False):
             rule.load(saved)
-        self.episodes, self.in_spike = state["episodes"], state["in_spike"]
+        # a count of what the detectors saw: it survives a rollback (a Prometheus counter
+        # never goes back; rolled back within one scrape, a spike would never be seen)
+        self.episodes = max(self.episodes, state["episodes"])
+        self.in_spike = state["in_spike"]
         self.nonfinite_since = state["nonfinite_since"]
         self.episode_start = state.get("episode_start", 0)
 
