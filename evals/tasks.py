@@ -38,7 +38,7 @@ DEFAULT_VAL_FRACTION = 0.02
 _VERSION = 1  # of the task data: bump when the construction changes
 _PER_SPLIT = {"validation": 40, "test": 300}  # examples per split (fewshot from validation)
 
-_CLOZE_YAML = """\
+_HEAD_YAML = """\
 tag:
   - {group}
 task: {task}
@@ -47,12 +47,17 @@ dataset_kwargs:
   data_files:
     validation: {validation}
     test: {test}
-output_type: loglikelihood
 validation_split: validation
 test_split: test
 fewshot_split: validation
 doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{' ' + target}}}}"
+metadata:
+  version: {version}
+"""  # what both tasks share; each adds its output type, target and metrics
+
+_CLOZE_YAML = """\
+output_type: loglikelihood
+doc_to_target: "{{' ' + target}}"
 metric_list:
   - metric: perplexity
     aggregation: perplexity
@@ -60,26 +65,12 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: {version}
 """
 
 _CHOICE_YAML = """\
-tag:
-  - {group}
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {validation}
-    test: {test}
 output_type: multiple_choice
-validation_split: validation
-test_split: test
-fewshot_split: validation
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
 target_delimiter: ""
 metric_list:
   - metric: acc
@@ -88,8 +79,6 @@ metric_list:
   - metric: acc_norm
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: {version}
 """
 
 
@@ -184,6 +173,6 @@ def materialize(folder: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION) 
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             paths[split] = json.dumps(str(path))
         (root / f"{task}.yaml").write_text(
-            template.format(group=GROUP, task=task, version=_VERSION, **paths)
+            _HEAD_YAML.format(group=GROUP, task=task, version=_VERSION, **paths) + template
         )
     return root
