@@ -60,6 +60,7 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
     cfg = cfg or Config()
     m = catalog
     spectra = cfg.probes.spectra
+    system = cfg.probes.system
     where = "run {{ $labels.name }} ({{ $labels.instance }})"
     higher = f'{m.EVAL_SCORE.name}{{metric=~"acc|acc_norm|exact_match"}}'  # higher is better
     lower = f'{m.EVAL_SCORE.name}{{metric=~"perplexity|word_perplexity"}}'
@@ -197,6 +198,26 @@ def build_rules(cfg: Config | None = None) -> list[Rule]:
             "show it (BLOOM's 13B run looked fine by loss and scored like a 2.7-6B model); "
             "the Evals page of the explorer has the trajectory per task.",
             metrics=(m.EVAL_SCORE, m.RUN_INFO),
+        ),
+        Rule(
+            "YotoStragglerRank",
+            # the trainer's own verdict (yoto_stragglers counts the ranks slow for several
+            # intervals in a row), one alert per such rank with its slowdown now
+            _per_run(
+                f"{m.RANK_STEP.name}\n/ on (instance, job) group_left "
+                f"{m.RANK_MEDIAN_STEP.name} > {1 + system.straggler_margin:g}\n"
+                f"and on (instance, job) {m.STRAGGLERS.name} > 0"
+            ),
+            "warning",
+            "Straggler rank {{ $labels.rank }} in " + where,
+            f"Rank {{{{ $labels.rank }}}} has been slower than the median rank by more than "
+            f"{system.straggler_margin:.0%} for {system.straggler_intervals} intervals in a "
+            "row (its own time per step: batch fetch and forward passes); every other rank "
+            "waits for it at each gradient reduction. Look at its data wait, its GPU's "
+            "clocks and temperature, and its host (the Overview dashboard's Ranks and "
+            "System rows; the run's straggler events).",
+            for_="2m",
+            metrics=(m.RANK_STEP, m.RANK_MEDIAN_STEP, m.STRAGGLERS, m.RUN_INFO),
         ),
         Rule(
             "YotoSpectraOutOfBand",

@@ -36,6 +36,10 @@ UNITS: dict[str, Unit] = {
     "samples": Unit("count:samples", "sequences"),
     "log2": Unit("suffix: log2", "bits", restated_in_name=True),  # powers of two
     "steps": Unit("count:steps", "steps"),
+    "bytes": Unit("bytes", "bytes", restated_in_name=True),  # IEC: KiB, MiB, GiB
+    "watts": Unit("watt", "W", restated_in_name=True),
+    "celsius": Unit("celsius", "°C", restated_in_name=True),
+    "hertz": Unit("hertz", "Hz", restated_in_name=True),
 }
 
 

@@ -12,8 +12,9 @@ verdict that is only news); the policy turns verdicts into actions. Detectors ma
 report host-side metrics (counters, scores).
 
 What a probe yields (:data:`StepOutput`): a :class:`Sample` (a value for the step's row), a
-:class:`Verdict` (a probe may judge too: a layer's spectrum out of band) or a
-:class:`Record` (rows for a long table, e.g. spectra). A probe with model hooks implements
+:class:`Verdict` (a probe may judge too: a layer's spectrum out of band), a
+:class:`Record` (rows for a long table, e.g. spectra) or a :class:`Carry` (a tensor the
+probe wants back on the host, in the same transfer). A probe with model hooks implements
 :class:`Attaches` (and :class:`Guarded` when its hooks run through a :class:`HookGuard`);
 one with work in flight at the end of a run implements :class:`Finishes`.
 
@@ -22,7 +23,7 @@ Both keep their windows/EMAs in ``state_dict`` so they survive checkpoints and r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,7 +60,19 @@ class Record:
     rows: list[dict[str, Any]]
 
 
-StepOutput = Sample | Verdict | Record  # what a probe's on_step (and finish) may yield
+@dataclass(frozen=True, slots=True)
+class Carry:
+    """A tensor a probe wants on the host after the step, copied in the runner's one
+    transfer with the step's samples (no transfer of its own, so no extra sync point);
+    ``receive`` gets its values as floats right after that transfer, before the detectors
+    run. For values that are not series of the record as such (e.g. every rank's timings,
+    which a detector judges and records only in part)."""
+
+    tensor: torch.Tensor
+    receive: Callable[[list[float]], None]
+
+
+StepOutput = Sample | Verdict | Record | Carry  # what a probe's on_step (and finish) may yield
 
 
 @dataclass
@@ -86,6 +99,7 @@ class StepContext:
     grad_norm: torch.Tensor | float | None  # global, before clipping, unscaled
     lr: float
     engine: Any
+    clock: Any = None  # the rank's StepClock (probes/system.py): its own time per step
 
 
 class Probe(Protocol):

@@ -19,8 +19,19 @@ average is not positive the scale is undefined (NaN).
 Both estimates are per-sequence quantities, so a batch-size change needs no rescaling;
 ``reset_on_batch_change`` restarts the averages instead (they then reflect only the new
 regime). With one micro-batch on one rank there is no small batch: the probe says so once
-(a ``probe`` event) and emits nothing. ZeRO-3 partitions parameters outside their module's
-forward, so the probe switches itself off there, also with an event.
+(a ``probe`` event) and emits nothing.
+
+At every ZeRO stage the hooks see the same thing. They are tensor hooks on the parameters,
+so autograd calls them with each micro-batch's whole gradient of each parameter, computed
+on this rank, before it is accumulated into ``.grad``: before DeepSpeed's own hooks, which
+run after accumulation (``register_grad_hook`` in ``deepspeed/runtime/zero/stage3.py`` and
+``stage_1_and_2.py``) and reduce, reduce-scatter or partition it. ZeRO-3 gathers a module's
+parameters for its forward and backward, so the gradient is complete when the hook runs;
+nothing of the small batch depends on how the result is then partitioned. The big batch,
+the engine's global grad norm, is computed by DeepSpeed from the partitions at ZeRO 1-3.
+|G_small|^2 is the mean, over every micro-batch of every rank, of that micro-batch's
+squared gradient norm: each is an unbiased estimate of E|G_B|^2 at B = micro-batch size
+(the micro-batches are independent draws), so their mean is too, at any stage.
 
 Emits (every ``probes.grad_noise.every`` steps):
 
@@ -46,6 +57,7 @@ from yoto.events import EventKind, Severity
 
 from .base import HookGuard, MicroStepContext, Sample, StepContext, Verdict
 from .precision import loss_scale
+from .sharded import whole
 
 Number = float | torch.Tensor
 
@@ -162,11 +174,10 @@ class GradNoiseProbe:
 
     name = "grad_noise"
 
-    def __init__(self, cfg: GradNoiseConfig, fp16: bool = False, zero_stage: int = 0) -> None:
+    def __init__(self, cfg: GradNoiseConfig, fp16: bool = False) -> None:
         self.every = cfg.every
         self.cfg = cfg
         self.fp16 = fp16
-        self.zero_stage = zero_stage
         self.estimator = NoiseScaleEstimator(cfg.ema)
         self.guard = HookGuard()
         self._handles: list[Any] = []
@@ -181,13 +192,12 @@ class GradNoiseProbe:
     # hooks
 
     def attach(self, model: torch.nn.Module, engine: Any) -> None:
-        if self.zero_stage >= 3:
-            return
         for group in parameter_groups(model):
             self._device = group[0].device
             # one Python call per block and backward, one fused norm kernel for its grads;
             # a block's grads are held only until its last one is computed
-            self._handles.append(register_multi_grad_hook(group, self._hook, mode="all"))
+            with whole(group):
+                self._handles.append(register_multi_grad_hook(group, self._hook, mode="all"))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -219,13 +229,6 @@ class GradNoiseProbe:
 
     def on_step(self, ctx: StepContext) -> Iterable[Sample | Verdict]:
         small_sum, self._small_sum = self._small_sum, None
-        if self.zero_stage >= 3:
-            return self._say_once(
-                "zero3",
-                ctx.step,
-                "gradient noise scale is off under "
-                "ZeRO-3 (parameters are partitioned outside forward)",
-            )
         if ctx.n_micro * ctx.world <= 1:
             return self._say_once(
                 "one_batch",

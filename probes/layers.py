@@ -12,18 +12,25 @@ On probe steps (every ``probes.layers.every``), for each transformer block:
 | yoto_attention_entropy_nats | gauge | layer | mean attention entropy (sampled heads/rows) |
 | yoto_output_logit_log_z | gauge | | mean log-partition of the LM head (sampled rows) |
 
-How, without slowing the other steps:
+How, without slowing the other steps, at every ZeRO stage:
 
-- Gradients are read after the boundary micro-batch's backward and before the optimizer
-  step, with DeepSpeed's ``safe_get_full_grad`` (the reduced gradient under ZeRO 0-2).
-- The update ratio compares a fixed random subset of each parameter's entries (at most
-  ``_SAMPLE`` per tensor) before and after the step, so the snapshot costs a sliver of the
-  model's memory at any size.
+- Grad norm, parameter norm and update ratio are sums of squares, so each rank sums the
+  entries it holds (probes/sharded.py: the whole tensor at ZeRO-0, its partition's
+  fragment at ZeRO-1/2, its partition at ZeRO-3, on the CPU under optimizer offload) and
+  one all-reduce of a stacked vector (4 numbers per block) per probe step adds the shares;
+  nothing is gathered. Gradients are read after the boundary micro-batch's backward and
+  before the optimizer step: the reduced gradient, as the optimizer will apply it.
+- The update ratio compares a fixed random subset of each parameter's entries (about
+  ``_SAMPLE`` per tensor, drawn over the whole tensor's index space, so the subset is the
+  same at every stage and each rank keeps the part in its share) before and after the
+  step; the snapshot costs a sliver of the model's memory at any size.
 - Attention statistics come from the attention module's ``stats_hook`` (q and k as the
   kernel sees them) for ``attention_heads`` evenly spread heads and the last
   ``attention_rows`` query rows of the first sequence, so the fused kernel stays the path
   on every step and the sampled logits are small.
-- Activation RMS and the LM head's log-partition come from forward hooks on probe steps.
+- Activation RMS and the LM head's log-partition come from forward hooks on probe steps;
+  they see whole activations at every stage (ZeRO-3 gathers a module's parameters for its
+  forward), and are rank 0's micro-batches, as every per-step value the loop records.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from yoto.config import LayersConfig
 
 from .base import HookGuard, MicroStepContext, Sample, StepContext
 from .precision import blocks_of, loss_scale
+from .sharded import Shares, local_positions, sampled_indices
 
 _SAMPLE = 4096  # entries per parameter tensor kept for the update ratio
 
@@ -49,19 +57,24 @@ class LayerStatsProbe:
 
     name = "layers"
 
-    def __init__(self, cfg: LayersConfig, fp16: bool = False, zero_stage: int = 0) -> None:
+    def __init__(self, cfg: LayersConfig, fp16: bool = False) -> None:
         self.every = cfg.every
         self.cfg = cfg
         self.fp16 = fp16
-        self.zero_stage = zero_stage
         self.guard = HookGuard()
         self._handles: list[Any] = []
         self._blocks: list[nn.Module] = []
         self._params: list[list[nn.Parameter]] = []
-        self._index: dict[int, torch.Tensor] = {}  # id(param) -> sampled flat indices
+        self._shares: Shares | None = None
+        # id(param) -> positions in this rank's share of the sampled entries (None: all),
+        # and the parameter's weight in the update ratio: entries / entries sampled
+        self._index: dict[int, torch.Tensor | None] = {}
+        self._scale: dict[int, float] = {}
+        self._device = torch.device("cpu")
         self._on = False
-        self._before: list[list[torch.Tensor]] | None = None
-        self._grad_norms: list[torch.Tensor] | None = None
+        self._before: list[list[torch.Tensor]] | None = None  # sampled weights, pre-step
+        self._grad_sq: torch.Tensor | None = None  # (blocks,) this rank's shares, pre-step
+        self._unscale = 1.0
         self._rms: dict[int, list[torch.Tensor]] = {}
         self._attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._log_z: list[torch.Tensor] = []
@@ -69,17 +82,18 @@ class LayerStatsProbe:
     # hooks
 
     def attach(self, model: nn.Module, engine: Any) -> None:
-        if self.zero_stage >= 3:  # parameters are partitioned outside forward
-            return
         self._blocks = blocks_of(model)
         gen = torch.Generator().manual_seed(0)
+        self._params = [[p for p in b.parameters() if p.requires_grad] for b in self._blocks]
+        self._shares = shares = Shares([p for params in self._params for p in params])
         for i, block in enumerate(self._blocks):
-            params = [p for p in block.parameters() if p.requires_grad]
-            self._params.append(params)
-            for p in params:
-                n = p.numel()
-                if n > _SAMPLE:
-                    self._index[id(p)] = torch.randperm(n, generator=gen)[:_SAMPLE].to(p.device)
+            for p in self._params[i]:
+                self._device = p.device
+                n = shares.numel(p)
+                index = sampled_indices(n, _SAMPLE, gen)  # the same subset at every stage
+                start, count = shares.span(p)
+                self._index[id(p)] = local_positions(index, start, count)
+                self._scale[id(p)] = n / (n if index is None else index.numel())
             self._handles.append(block.register_forward_hook(self._rms_hook(i)))
             attn = getattr(block, "attn", None)
             if attn is not None and hasattr(attn, "stats_hook"):
@@ -147,58 +161,38 @@ class LayerStatsProbe:
     # probe protocol
 
     def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]:
-        if (
-            self._params and ctx.micro == ctx.n_micro - 1
-        ):  # gradients complete; the update has not happened
-            from deepspeed.utils import safe_get_full_grad
-
-            unscale = 1.0 / loss_scale(ctx.engine) if self.fp16 else 1.0
-            norms = []
-            for params in self._params:
-                sq = [
-                    g.detach().float().pow(2).sum()
-                    for g in map(safe_get_full_grad, params)
-                    if g is not None
-                ]
-                norms.append(torch.stack(sq).sum().sqrt() * unscale if sq else None)
-            self._grad_norms = norms
-            self._before = [[self._sampled(p).clone() for p in params] for params in self._params]
+        if self._shares is None or ctx.micro != ctx.n_micro - 1:
+            return ()
+        # the boundary: gradients reduced into their shares, the update not yet applied
+        shares = self._shares
+        sums = []
+        for params in self._params:
+            grads = [g for g in map(shares.grad, params) if g is not None and g.numel()]
+            sums.append(_sum_sq(grads, self._device))
+        self._grad_sq = torch.stack(sums) if sums else None
+        # the scale these gradients carry (fp16; the step may grow or halve it)
+        self._unscale = 1.0 / loss_scale(ctx.engine) if self.fp16 else 1.0
+        self._before = [[self._sampled(p).clone() for p in params] for params in self._params]
         return ()
 
-    def _sampled(self, p: torch.Tensor) -> torch.Tensor:
-        index = self._index.get(id(p))
-        flat = p.detach().reshape(-1)
+    def _sampled(self, p: nn.Parameter) -> torch.Tensor:
+        """The sampled entries of this rank's share of ``p``'s weights, fp32."""
+        assert self._shares is not None
+        flat = self._shares.weights(p)
+        if flat is None:
+            return torch.zeros(0, device=self._device)
+        flat = flat.detach()
+        index = self._index[id(p)]
+        if index is not None and index.device != flat.device:
+            index = self._index[id(p)] = index.to(flat.device)
         return (flat if index is None else flat[index]).float()
 
     def on_step(self, ctx: StepContext) -> Iterable[Sample]:
         samples: list[Sample] = []
-        for i, params in enumerate(self._params):
+        if self._shares is not None and self._params:
+            samples.extend(self._norm_samples(ctx))
+        for i in range(len(self._blocks)):
             label = {"layer": str(i)}
-            param_sq = torch.stack([p.detach().float().pow(2).sum() for p in params]).sum()
-            samples.append(Sample(catalog.LAYER_PARAM_NORM.name, param_sq.sqrt(), label))
-            if self._grad_norms is not None and self._grad_norms[i] is not None:
-                samples.append(Sample(catalog.LAYER_GRAD_NORM.name, self._grad_norms[i], label))
-            if self._before is not None:
-                # each tensor's sampled sums scaled up to its size: estimates of the full sums
-                weights = [
-                    p.numel() / b.numel() for p, b in zip(params, self._before[i], strict=True)
-                ]
-                delta = torch.stack(
-                    [
-                        (self._sampled(p) - b).pow(2).sum() * w
-                        for p, b, w in zip(params, self._before[i], weights, strict=True)
-                    ]
-                )
-                base = torch.stack(
-                    [b.pow(2).sum() * w for b, w in zip(self._before[i], weights, strict=True)]
-                )
-                samples.append(
-                    Sample(
-                        catalog.LAYER_UPDATE_RATIO.name,
-                        (delta.sum() / base.sum().clamp(min=1e-30)).sqrt(),
-                        label,
-                    )
-                )
             if i in self._rms:
                 samples.append(
                     Sample(catalog.ACTIVATION_RMS.name, torch.stack(self._rms[i]).mean(), label)
@@ -209,8 +203,52 @@ class LayerStatsProbe:
                 samples.append(Sample(catalog.ATTENTION_ENTROPY.name, entropy, label))
         if self._log_z:
             samples.append(Sample(catalog.OUTPUT_LOG_Z.name, torch.stack(self._log_z).mean()))
-        self._before = self._grad_norms = None
+        self._before = self._grad_sq = None
         self._rms, self._attn, self._log_z = {}, {}, []
+        return samples
+
+    def _norm_samples(self, ctx: StepContext) -> list[Sample]:
+        """Grad norm, parameter norm and update ratio of every block: this rank's sums of
+        squares, stacked, then one all-reduce (sharded engines only) adds the ranks'."""
+        assert self._shares is not None
+        shares, n = self._shares, len(self._params)
+        param_sq, delta_sq, base_sq = [], [], []
+        for i, params in enumerate(self._params):
+            weights = [w for w in map(shares.weights, params) if w is not None and w.numel()]
+            param_sq.append(_sum_sq([w.detach() for w in weights], self._device))
+            if self._before is not None:
+                after = [self._sampled(p) for p in params]
+                scale = [self._scale[id(p)] for p in params]
+                # each tensor's sampled sums scaled up to its size: estimates of full sums
+                delta_sq.append(
+                    _sum_sq(
+                        [a - b for a, b in zip(after, self._before[i], strict=True)],
+                        self._device,
+                        scale,
+                    )
+                )
+                base_sq.append(_sum_sq(self._before[i], self._device, scale))
+        parts = [torch.stack(param_sq)]
+        if self._grad_sq is not None:
+            parts.append(self._grad_sq)
+        if self._before is not None:
+            parts += [torch.stack(delta_sq), torch.stack(base_sq)]
+        sums = shares.total_(torch.cat(parts).double())  # (blocks x 2..4,)
+        param_norm = sums[:n].sqrt()
+        samples = []
+        grad_norm = update = None
+        if self._grad_sq is not None:
+            grad_norm = sums[n : 2 * n].sqrt() * self._unscale
+        if self._before is not None:
+            delta, base = sums[-2 * n : -n], sums[-n:]
+            update = (delta / base.clamp(min=1e-30)).sqrt()
+        for i in range(n):
+            label = {"layer": str(i)}
+            samples.append(Sample(catalog.LAYER_PARAM_NORM.name, param_norm[i], label))
+            if grad_norm is not None:
+                samples.append(Sample(catalog.LAYER_GRAD_NORM.name, grad_norm[i], label))
+            if update is not None:
+                samples.append(Sample(catalog.LAYER_UPDATE_RATIO.name, update[i], label))
         return samples
 
     def state_dict(self) -> dict[str, Any]:
@@ -218,6 +256,19 @@ class LayerStatsProbe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def _sum_sq(
+    tensors: list[torch.Tensor], device: torch.device, scale: list[float] | None = None
+) -> torch.Tensor:
+    """sum_i scale_i * |t_i|^2 as a 0-d fp64 tensor on ``device`` (one fused norm kernel
+    per device; offloaded shares are summed on the CPU and their sum moved)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    scale = scale or [1.0] * len(tensors)
+    norms = torch._foreach_norm([t.float() for t in tensors], 2)
+    terms = [(x.double() ** 2 * s).to(device) for x, s in zip(norms, scale, strict=False)]
+    return torch.stack(terms).sum()
 
 
 class _Restore:

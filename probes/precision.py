@@ -23,9 +23,12 @@ and every ``probes.precision.detail_every`` steps, by hooks active on those step
 | yoto_activation_absmax | gauge | layer | max abs value at a block's output |
 | yoto_activation_headroom_log2 | gauge | layer | log2(dtype max / absmax) |
 
-The underflow ratio counts the weight matrices' gradients as the hooks see them (scaled by
-the loss scale under fp16, which is the point of loss scaling); embedding tables are left
-out because rows of tokens absent from a batch are zero by construction, not by underflow.
+The underflow ratio counts the weight matrices' gradients as the hooks see them: each
+micro-batch's gradient on each rank, before DeepSpeed accumulates, reduces or partitions it
+(so the same at every ZeRO stage), scaled by the loss scale under fp16, which is the point
+of loss scaling; the ranks' counts are summed (one all-reduce on detail steps). Embedding
+tables are left out because rows of tokens absent from a batch are zero by construction,
+not by underflow.
 
 :class:`OverflowDetector` turns the counters into ``overflow`` verdicts on the host.
 """
@@ -37,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from yoto import catalog
@@ -44,6 +48,7 @@ from yoto.config import PrecisionConfig
 from yoto.events import EventKind, Reason, Severity
 
 from .base import HookGuard, MicroStepContext, Sample, StepContext, Verdict
+from .sharded import whole
 
 
 def loss_scaler(engine: Any) -> Any | None:
@@ -59,6 +64,11 @@ def loss_scale(engine: Any) -> float:
             return float(value)
     scaler = loss_scaler(engine)
     return float(scaler.cur_scale) if scaler is not None else 1.0
+
+
+def _is_matrix(p: nn.Parameter) -> bool:
+    """A weight matrix (a ZeRO-3 parameter is flat and empty outside forward)."""
+    return len(getattr(p, "ds_shape", p.shape)) >= 2
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -96,9 +106,13 @@ class PrecisionProbe:
             self._handles.append(block.register_forward_hook(self._forward_hook(str(i))))
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         seen: set[int] = set()
+        matrices = []
         for p in model.parameters():
-            if p.requires_grad and p.dim() >= 2 and id(p) not in embeddings | seen:
+            if p.requires_grad and _is_matrix(p) and id(p) not in embeddings | seen:
                 seen.add(id(p))
+                matrices.append(p)
+        with whole(matrices):  # ZeRO-3: hooked while whole (probes/sharded.py)
+            for p in matrices:
                 self._handles.append(p.register_hook(self._grad_hook))
 
     def detach(self) -> None:
@@ -152,9 +166,12 @@ class PrecisionProbe:
                 )
             self._absmax = {}
         if self._entries:
-            samples.append(
-                Sample(catalog.GRAD_UNDERFLOW.name, self._small.double() / self._entries)
-            )
+            small = self._small.double()
+            entries = torch.full_like(small, float(self._entries))  # a fill: no host copy
+            counts = torch.stack([small, entries])
+            if ctx.world > 1:  # every rank's micro-batches: one all-reduce, detail steps only
+                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            samples.append(Sample(catalog.GRAD_UNDERFLOW.name, counts[0] / counts[1]))
             self._entries = 0
         return samples
 

@@ -21,6 +21,7 @@ from yoto.events import EventKind, Reason, Severity
 
 from .base import (
     Attaches,
+    Carry,
     Detector,
     Finishes,
     Guarded,
@@ -61,6 +62,7 @@ class ProbeRunner:
         self._pending: list[tuple[str, float | torch.Tensor]] = []
         self._verdicts: list[Verdict] = []
         self._records: list[Record] = []
+        self._carried: list[Carry] = []
         self._step = 0
 
     # --- samples --------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class ProbeRunner:
         self.extend(i for i in items if isinstance(i, Sample))
         self._verdicts.extend(i for i in items if isinstance(i, Verdict))
         self._records.extend(i for i in items if isinstance(i, Record))
+        self._carried.extend(i for i in items if isinstance(i, Carry))
 
     def finish(self, timeout: float | None) -> None:
         """End of a run: probes with work in flight (spectra) may hand it in now."""
@@ -179,10 +182,14 @@ class ProbeRunner:
 
     def flush(self, control: torch.Tensor | None = None) -> tuple[dict[str, float], list[float]]:
         """All pending values as floats, plus ``control`` (a 1-d tensor of flags the loop
-        needs on the host, e.g. agreed stop/rollback codes) in the same transfer."""
+        needs on the host, e.g. agreed stop/rollback codes) in the same transfer. Tensors
+        probes carried (:class:`Carry`) ride along and are handed back to them here."""
         pending, self._pending = self._pending, []
+        carried, self._carried = self._carried, []
         tensors = [(i, v) for i, (_, v) in enumerate(pending) if isinstance(v, torch.Tensor)]
         parts = [v.detach().reshape(-1)[:1].to(torch.float64) for _, v in tensors]
+        sizes = [c.tensor.numel() for c in carried]
+        parts += [c.tensor.detach().reshape(-1).to(torch.float64) for c in carried]
         n_control = 0
         if control is not None:
             parts.append(control.detach().reshape(-1).to(torch.float64))
@@ -197,6 +204,10 @@ class ProbeRunner:
             values[key] = float(value) if not isinstance(value, torch.Tensor) else math.nan
         for (i, _), value in zip(tensors, host, strict=False):
             values[pending[i][0]] = value
+        at = len(tensors)
+        for carry, size in zip(carried, sizes, strict=True):
+            carry.receive(host[at : at + size])
+            at += size
         controls = host[len(host) - n_control :] if n_control else []
         return values, controls
 

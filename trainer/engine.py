@@ -84,6 +84,13 @@ def own_clipping(cfg: Config) -> bool:
     return cfg.train.precision == "fp32" and cfg.train.zero_stage == 0
 
 
+def offload(cfg: Config) -> dict[str, Any]:
+    """ZeRO-Offload's part of ``zero_optimization``: the fp32 master weights, the optimizer
+    state and the optimizer's step on the host; gradients are copied there each step."""
+    device = cfg.train.offload_optimizer
+    return {} if device == "none" else {"offload_optimizer": {"device": device}}
+
+
 def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     t = cfg.train
     granularity = t.micro_batch_size * world
@@ -97,12 +104,16 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // granularity,
         "gradient_clipping": 0.0 if own_clipping(cfg) else cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": t.zero_stage, **offload(cfg)},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", **FP16_LOSS_SCALE},
         "steps_per_print": 2**62,  # yoto reports; DeepSpeed's own log lines stay quiet
         "wall_clock_breakdown": False,
     }
+    if t.offload_optimizer != "none":
+        # the client optimizer (torch's AdamW, or SkipStepAdamW) steps the host copy;
+        # DeepSpeed would otherwise insist on its compiled CPU Adam
+        ds["zero_force_ds_cpu_optimizer"] = False
     if cfg.optim.skip_step.enabled:
         # DeepSpeed's ZeRO asks to be told when the client optimizer is not one it knows;
         # SkipStepAdamW is tested here at ZeRO 0, 1, 2 and 3 (tests/trainer/test_skip_step.py)
@@ -131,7 +142,12 @@ def make_optimizer(
             groups, gate, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0
         )
     return torch.optim.AdamW(
-        groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda"
+        groups,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        # offloaded, the optimizer steps the host copy
+        fused=device.type == "cuda" and cfg.train.offload_optimizer == "none",
     )
 
 

@@ -8,6 +8,7 @@
 | ``weight_blowup`` | one block's weights are multiplied by factor | factor (30), layer (0) |
 | ``fp16_overflow`` | the loss is scaled past fp16's range (fp16 engines only) | steps (3), rank |
 | ``flaky`` | loss, gradient x factor; not in a replay (a bad GPU) | factor (10), steps (1), rank |
+| ``slow_rank`` | forwards wait (a straggler); not in a replay | seconds (0.1), steps (100), rank |
 
 A fault fires once, the first time its step is reached, and is recorded as a
 ``fault_injected`` event, so detection delay is the gap to the first verdict. It stays
@@ -21,12 +22,15 @@ clean).
 Replay diagnosis (trainer/diagnose.py) re-runs steps from a checkpoint: there a bad batch
 is bad again (the data are), an LR spike is repeated (the recorded LR is replayed), but
 nothing that acts "this step" fires again: ``flaky``, ``nan_grad``, ``weight_blowup`` and
-``fp16_overflow`` belong to the first pass, as a hardware fault would.
+``fp16_overflow`` belong to the first pass, as a hardware fault would. ``slow_rank`` (give it
+a ``rank``, or every rank is slow and none is a straggler) makes the rank's own step time
+longer, which the per-rank health probe (probes/system.py) compares with the median.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -45,6 +49,7 @@ class FaultKind(StrEnum):
     WEIGHT_BLOWUP = "weight_blowup"
     FP16_OVERFLOW = "fp16_overflow"
     FLAKY = "flaky"  # test-only nondeterminism: the first pass is wrong, a replay is not
+    SLOW_RANK = "slow_rank"  # test-only straggler: a rank's forwards wait ``seconds``
 
 
 KINDS = {  # kind -> its options and their defaults
@@ -54,7 +59,9 @@ KINDS = {  # kind -> its options and their defaults
     FaultKind.WEIGHT_BLOWUP: {"factor": 30.0, "layer": 0},
     FaultKind.FP16_OVERFLOW: {"steps": 3},
     FaultKind.FLAKY: {"factor": 10.0, "steps": 1},
+    FaultKind.SLOW_RANK: {"seconds": 0.1, "steps": 100},
 }
+_FLOATS = ("factor", "seconds")  # options that take a fraction; the others are counts
 _SPEC = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<opts>.*))?$")
 
 
@@ -67,6 +74,7 @@ class Fault:
     steps: int = 1
     layer: int = 0
     sequences: int = 0  # bad_batch: sequences replaced per batch (0: all)
+    seconds: float = 0.0  # slow_rank: the wait added to each forward pass
 
     @property
     def spec(self) -> str:
@@ -92,7 +100,7 @@ def parse_fault(spec: str) -> Fault:
                 f"fault {spec!r}: {kind} takes {', '.join(sorted(allowed))}, not {key!r}"
             )
         try:
-            options[key] = float(value) if key == "factor" else int(value)
+            options[key] = float(value) if key in _FLOATS else int(value)
         except ValueError:
             raise ConfigError(f"fault {spec!r}: {key}={value!r} is not a number") from None
     step = int(match.group("step"))
@@ -208,6 +216,16 @@ class FaultInjector:
             elif self._mine(f) and f.kind == FaultKind.FLAKY:
                 factor *= f.factor
         return factor
+
+    def stall(self) -> float:
+        """For slow_rank: wait before a forward pass on the slow rank (the loop calls it
+        inside the forward's timing, never in a replay). Returns the seconds waited."""
+        wait = sum(
+            f.seconds for f in self._active if f.kind == FaultKind.SLOW_RANK and self._mine(f)
+        )
+        if wait > 0:
+            time.sleep(wait)
+        return wait
 
     def poison_grads(self, model: torch.nn.Module) -> Any:
         """For nan_grad: a one-shot hook on one weight; returns its handle (or None)."""

@@ -10,7 +10,7 @@ One optimizer step (``Trainer.step_once``), in order, and where each hook fires 
       runner.begin_step(step)                 <- hook-based probes arm (or stay idle)
       windows = sampler.next_global_batch(bs) deterministic, resumable, skippable
     forward_backward(work)
-      for micro in range(gas):
+      for micro in range(gas):                clock: the rank's data wait and forward time
           loss = engine(x, y)                 forward hooks (activations) on probe steps only
           engine.backward(loss)               param hooks (micro-batch grad norms) on device
           runner.on_micro_step(ctx)           <- micro-batch hook
@@ -56,6 +56,7 @@ from yoto.evaluator import CheckpointEvaluator, EvalResult
 from yoto.events import Event, EventKind, Reason, Rollback, Severity, Sinks
 from yoto.probes.base import MicroStepContext, Sample, StepContext, Verdict
 from yoto.probes.runner import ProbeRunner
+from yoto.probes.system import StepClock
 from yoto.runstore import list_checkpoints
 
 from . import distributed
@@ -143,6 +144,7 @@ class Trainer:
         self.policy = Policy(cfg.policy)
         self.episodes = EpisodeTracker(cfg.policy.episode)  # run history, like self.history
         self.faults = FaultInjector(cfg.faults, info.rank, cfg.train.precision)
+        self.clock = StepClock(info.device)  # this rank's own time per step (probes/system.py)
         self._last_saved_step = -1
         self._warned_disk = False  # the "next checkpoint will not fit" warning is out
         self.verdicts: list[Verdict] = []  # of the last step
@@ -246,6 +248,7 @@ class Trainer:
         started = time.perf_counter()
         work = self.set_batch_and_lr(self.branch.step + 1, started)
         self.forward_backward(work)
+        self.clock.step_done()
         control = self.reduce_and_count(work)
         self.emit_samples(work)
         values, stop = self.flush(work, control)
@@ -284,6 +287,7 @@ class Trainer:
                 steps=fault.steps,
                 layer=fault.layer,
                 sequences=fault.sequences,
+                seconds=fault.seconds,
                 sampler_position=position,
                 batch=batch_size,
             )
@@ -295,7 +299,9 @@ class Trainer:
         )
         eng.set_lr(engine, lr)
         self.runner.begin_step(step)
+        fetch = time.perf_counter()
         windows = self.sampler.next_global_batch(batch_size)
+        self.clock.data(time.perf_counter() - fetch)  # the rank's data wait (probes/system.py)
         return StepWork(step, batch_size, self.seq_len_now(), lr, position, windows, started)
 
     def seq_len_now(self) -> int:
@@ -327,7 +333,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=info.device)
         work.z_loss = torch.zeros((), device=info.device) if cfg.model.z_loss else None
         grad_norm: torch.Tensor | float | None = None
+        timed = self.replay_deadline is None  # a diagnosis's replay is no step of the clock's
         for micro in range(n_micro):
+            fetch = time.perf_counter()
             tokens = self.sampler.micro_batch(
                 work.windows,
                 micro,
@@ -344,7 +352,14 @@ class Trainer:
             engine.set_gradient_accumulation_boundary(boundary)
             prefix = self._prefix_lengths(work.step, micro, tokens.size(0), work.seq_len)
             # loss: what to back-propagate; lm: its cross-entropy; z: the z-loss or None
+            if timed:  # data wait: sampler + host-to-device copy; then the forward's own time
+                self.clock.data(time.perf_counter() - fetch)
+                mark = self.clock.forward_begin()
+                if faults.faults:
+                    faults.stall()  # slow_rank: a straggler, on purpose
             loss, lm, z = engine(tokens[:, :-1], tokens[:, 1:], prefix, terms=True)
+            if timed:
+                self.clock.forward_end(mark)
             if faults.faults:
                 loss, lm = loss * faults.loss_factor(), lm * faults.loss_factor()
             poison = faults.poison_grads(engine.module) if faults.faults else None
@@ -439,6 +454,7 @@ class Trainer:
                 grad_norm=work.grad_norm,
                 lr=work.lr,
                 engine=self.engine,
+                clock=self.clock,
             )
         )
 

@@ -15,7 +15,8 @@ from yoto import catalog, runstore
 from yoto.config import Config, load_config
 from yoto.errors import RunDirError
 from yoto.events import EventKind
-from yoto.probes.spectra import TABLE, analyze, weight_matrices
+from yoto.probes.consolidate import MODEL_STATES, MODEL_STATES_ZERO3, ShardedCheckpoint
+from yoto.probes.spectra import TABLE, analyze_sharded, weight_names
 
 from .checkpoint import verify
 from .data import tokenizer
@@ -37,10 +38,8 @@ def run_config(run_dir: str | Path) -> Config:
     return cfg
 
 
-def checkpoint_model(run_dir: str | Path, step: int) -> tuple[GPT, dict[str, Any]]:
-    """The run's model with the weights of its complete checkpoint ``step-N``, on the CPU,
-    and the checkpoint's yoto client state."""
-    run_dir = runstore.require_run_dir(run_dir)
+def _checkpoint(run_dir: Path, step: int) -> runstore.CheckpointDir:
+    """The run's checkpoint ``step-N``, complete and intact, or an error saying why not."""
     ckpts = {c.step: c for c in runstore.list_checkpoints(run_dir / runstore.CHECKPOINTS)}
     if step not in ckpts:
         have = ", ".join(str(s) for s in sorted(ckpts)) or "none"
@@ -48,18 +47,25 @@ def checkpoint_model(run_dir: str | Path, step: int) -> tuple[GPT, dict[str, Any
     reason = verify(ckpts[step])
     if reason is not None:
         raise RunDirError(f"checkpoint step-{step} cannot be used: {reason}")
+    return ckpts[step]
+
+
+def checkpoint_model(run_dir: str | Path, step: int) -> tuple[GPT, dict[str, Any]]:
+    """The run's model with the weights of its complete checkpoint ``step-N``, on the CPU,
+    and the checkpoint's yoto client state."""
+    run_dir = runstore.require_run_dir(run_dir)
+    ckpt = _checkpoint(run_dir, step)
     cfg = run_config(run_dir)
     model = GPT(cfg.model, vocab_size(cfg))
-    states = torch.load(
-        ckpts[step].path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
+    states_file = ckpt.path / MODEL_STATES  # ZeRO-3: only rank 0's partitioned one
+    if not states_file.is_file():
+        states_file = ckpt.path / MODEL_STATES_ZERO3
+    states = torch.load(states_file, map_location="cpu", weights_only=False)
     module = states.get("module") or {}
     if not module or any(t.numel() == 0 for t in module.values()):  # ZeRO-3: partitioned
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        module = get_fp32_state_dict_from_zero_checkpoint(
-            str(ckpts[step].path.parent), tag=ckpts[step].tag
-        )
+        module = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
     model.load_state_dict({k: v.float() for k, v in module.items()})
     return model, states.get("yoto", {})
 
@@ -68,11 +74,18 @@ def spectra_for_checkpoint(
     run_dir: str | Path, step: int, write: bool = True
 ) -> list[dict[str, Any]]:
     """weightwatcher on checkpoint ``step``'s weight matrices, the same analysis the
-    spectra probe runs; appended to the run's spectra/ table unless ``write`` is false."""
-    model, client = checkpoint_model(run_dir, step)
+    spectra probe runs; appended to the run's spectra/ table unless ``write`` is false.
+    The matrices are read one at a time from the checkpoint's shards (any ZeRO stage: the
+    fp32 master weights at 1-3), so memory stays at one matrix, not the model."""
+    run_dir = runstore.require_run_dir(run_dir)
+    ckpt = _checkpoint(run_dir, step)
     cfg = run_config(run_dir)
-    weights = {n: w.detach().numpy().copy() for n, w in weight_matrices(model).items()}
-    rows = analyze(weights, cfg.probes.spectra.min_evals, cfg.probes.spectra.svd_method)
+    with torch.device("meta"):  # the names of the matrices only: no memory
+        layers = weight_names(GPT(cfg.model, vocab_size(cfg)))
+    spectra = cfg.probes.spectra
+    with ShardedCheckpoint(ckpt.path) as shards:
+        rows = analyze_sharded(shards, layers, spectra.min_evals, spectra.svd_method)
+        client = shards.client_state
     if write:
         branch = client.get("branch", client.get("state", {}))  # "state": older checkpoints
         attempt = int(branch.get("attempt", 0))

@@ -2,13 +2,16 @@
 
 Each verdict carries its class, set by the detector that made it (:class:`Reason`:
 ``nonfinite``, ``persistent_spike``, ``spike``, ``loss_scale_min``, ``overflow``,
-``spectra``, ``probe_failure``; none for a verdict that is only news), and the ``policy:``
-config maps each class to an action. Defaults: a non-finite loss or grad norm, or a spike
-that persists -> rollback; an isolated spike -> skip_step (its update was left out by
-skip-step, ``optim.skip_step``: an event, no page; without skip-step, or when the step
-was not skipped, an alert); the fp16 loss scale at its minimum -> rollback, and halt with
-advice to use bf16 if it happens again. A rollback asked for when ``max_rollbacks`` were
-already spent within ``window_steps`` becomes a halt.
+``spectra``, ``probe_failure``, ``straggler``; none for a verdict that is only news), and
+the ``policy:`` config maps each class to an action. Defaults: a non-finite loss or grad
+norm, or a spike that persists -> rollback; an isolated spike -> skip_step (its update was
+left out by skip-step, ``optim.skip_step``: an event, no page; without skip-step, or when
+the step was not skipped, an alert); the fp16 loss scale at its minimum -> rollback, and
+halt with advice to use bf16 if it happens again; a straggler rank (probes/system.py) ->
+none: its ``straggler`` event, a warning, is the page (chat, and Prometheus's
+``YotoStragglerRank``), and a slow rank is no unstable training, so it opens no
+instability episode and nothing is rolled back. A rollback asked for when
+``max_rollbacks`` were already spent within ``window_steps`` becomes a halt.
 
 What pages is not decided per step but per instability episode (trainer/episodes.py,
 ``policy.episode``): the steps acted on are grouped, and an episode writes one ``alert``

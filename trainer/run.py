@@ -86,7 +86,7 @@ def assemble(
     model and data, as a Trainer writing to ``run_dir``. ``probes`` are added to the
     configured set (tests add failing ones)."""
     engine = eng.build_engine(prepared.model, cfg, prepared.info)
-    runner = build_runner(cfg)
+    runner = build_runner(cfg, checkpoints=Path(run_dir) / runstore.CHECKPOINTS)
     runner.probes.extend(probes)
     runner.attach(engine.module, engine)
     checkpointer = Checkpointer(

@@ -394,6 +394,110 @@ SPECTRA_SKIPPED = _metric(
     "Spectra analyses skipped because the previous one was still running.",
 )
 
+_section("per-rank and system health", "probes/system.py")
+# Per-rank series come once per probes.system.every steps, from one all-gather; with more
+# ranks than probes.system.rank_series_max only the slowest that many of each interval
+# are recorded and exported (the straggler verdict still judges every rank).
+RANK_STEP = _metric(
+    "yoto_rank_step_seconds",
+    "gauge",
+    "seconds",
+    "One rank's own time per step, mean over the last interval: batch fetch, host-to-"
+    "device copy and forward passes, the parts no other rank is waited for (backward ends "
+    "in the gradient reduction, where every rank waits for the slowest; at ZeRO-3 the "
+    "forward's parameter gathers wait too). Device time of the forwards on CUDA.",
+    labels=("rank",),
+    cadence="probe",
+)
+RANK_DATA_WAIT = _metric(
+    "yoto_rank_data_wait_seconds",
+    "gauge",
+    "seconds",
+    "One rank's time per step getting its batch (sampler and host-to-device copy), mean "
+    "over the last interval.",
+    labels=("rank",),
+    cadence="probe",
+)
+RANK_PEAK_MEMORY = _metric(
+    "yoto_rank_peak_memory_bytes",
+    "gauge",
+    "bytes",
+    "One rank's peak CUDA memory allocated by tensors since the run's start (CUDA only).",
+    labels=("rank",),
+    cadence="probe",
+)
+RANK_MEDIAN_STEP = _metric(
+    "yoto_rank_median_step_seconds",
+    "gauge",
+    "seconds",
+    "Median over all ranks of yoto_rank_step_seconds: what a straggler is compared with.",
+    cadence="probe",
+)
+STRAGGLERS = _metric(
+    "yoto_stragglers",
+    "gauge",
+    "",
+    "Ranks slower than the median by more than probes.system.straggler_margin for "
+    "probes.system.straggler_intervals intervals in a row, and still slow.",
+    cadence="probe",
+)
+PROCESS_RSS = _metric(
+    "yoto_process_resident_memory_bytes",
+    "gauge",
+    "bytes",
+    "Resident set size of rank 0's training process (host memory).",
+)
+CUDA_ALLOCATED = _metric(
+    "yoto_cuda_memory_allocated_bytes",
+    "gauge",
+    "bytes",
+    "CUDA memory held by tensors on rank 0's device (torch caching allocator), after the step.",
+)
+CUDA_RESERVED = _metric(
+    "yoto_cuda_memory_reserved_bytes",
+    "gauge",
+    "bytes",
+    "CUDA memory reserved by rank 0's caching allocator (allocated plus cached free blocks).",
+)
+CUDA_PEAK = _metric(
+    "yoto_cuda_memory_peak_bytes",
+    "gauge",
+    "bytes",
+    "Peak CUDA memory held by tensors on rank 0's device since the run's start.",
+)
+CUDA_ALLOC_RETRIES = _metric(
+    "yoto_cuda_alloc_retries_total",
+    "counter",
+    "",
+    "cudaMalloc calls on rank 0 that failed and were retried after freeing the allocator's "
+    "cache: memory is nearly full and steps slow down (torch.cuda.memory_stats).",
+)
+GPU_POWER = _metric(
+    "yoto_gpu_power_watts",
+    "gauge",
+    "watts",
+    "Power draw of rank 0's GPU (NVML, sampled in the background about once a second).",
+)
+GPU_TEMPERATURE = _metric(
+    "yoto_gpu_temperature_celsius",
+    "gauge",
+    "celsius",
+    "Core temperature of rank 0's GPU (NVML): a throttling GPU runs hot and clocks down.",
+)
+GPU_UTILIZATION = _metric(
+    "yoto_gpu_utilization_ratio",
+    "gauge",
+    "ratio",
+    "Fraction of the last NVML sample period in which a kernel ran on rank 0's GPU.",
+)
+GPU_SM_CLOCK = _metric(
+    "yoto_gpu_sm_clock_hertz",
+    "gauge",
+    "hertz",
+    "Streaming-multiprocessor clock of rank 0's GPU (NVML); below its usual value: "
+    "thermal or power throttling.",
+)
+
 _section(
     "interventions",
     "trainer/loop.py, trainer/history.py, trainer/batch_control.py, trainer/episodes.py",

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="inject a fault (lr_spike, bad_batch, nan_grad, weight_blowup, "
-        "fp16_overflow), e.g. --inject lr_spike@300 (repeatable)",
+        "fp16_overflow, flaky, slow_rank), e.g. --inject lr_spike@300 (repeatable)",
     )
     p.add_argument(
         "--metrics-addr",

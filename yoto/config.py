@@ -208,6 +208,10 @@ class TrainConfig(Section):
     global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none",
+        description="cpu: ZeRO-Offload, the optimizer state and its step on the host (ZeRO 1-3)",
+    )
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_warmup: BatchWarmupConfig = Field(default_factory=BatchWarmupConfig)
@@ -226,6 +230,11 @@ class TrainConfig(Section):
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"train.offload_optimizer={self.offload_optimizer!r} needs a ZeRO stage that "
+                f"partitions the optimizer: set train.zero_stage to 1, 2 or 3 (it is 0)"
             )
         start = self.batch_warmup.start
         if start is not None and start > self.global_batch_size:
@@ -355,6 +364,13 @@ class SpectraConfig(Section):
     every: int = Field(500, ge=1, description="steps between weightwatcher analyses")
     min_evals: int = Field(10, ge=2, description="smallest matrix dimension analysed")
     svd_method: Literal["fast", "accurate"] = "accurate"
+    source: Literal["auto", "live", "checkpoint"] = Field(
+        "auto",
+        description="where the analysed weights come from: live (rank 0 copies the model's "
+        "weights to the host on the step), checkpoint (the newest complete checkpoint, read "
+        "by the worker one matrix at a time; needs checkpoint.every), auto (live at ZeRO "
+        "0-2, checkpoint at ZeRO-3, where no rank holds the full weights)",
+    )
     alpha_low: float = Field(2.0, description="below: over-trained / heavy-tailed")
     alpha_high: float = Field(6.0, description="above: under-trained or a bad fit")
     band_min_evals: int = Field(
@@ -368,6 +384,29 @@ class SpectraConfig(Section):
     )
 
 
+class SystemConfig(Section):
+    """Per-rank and system health (probes/system.py). Every ``every`` steps one all-gather
+    of each rank's own step time, data wait and (CUDA) peak memory; none with one rank."""
+
+    enabled: bool = True
+    every: int = Field(10, ge=1, description="steps between the per-rank all-gathers")
+    straggler_margin: float = Field(
+        0.2, gt=0, description="a rank slower than the median by more than this fraction"
+    )
+    straggler_intervals: int = Field(
+        3, ge=1, description="... for this many intervals in a row is a straggler (a verdict)"
+    )
+    rank_series_max: int = Field(
+        16,
+        ge=1,
+        description="per-rank series recorded and exported per interval: every rank up to "
+        "this world size, else the slowest this many (the verdict judges every rank)",
+    )
+    nvml_interval_seconds: float = Field(
+        1.0, gt=0, description="GPU power, temperature, utilisation and clocks read this often"
+    )
+
+
 class ProbesConfig(Section):
     enabled: bool = True
     max_failures: int = Field(3, ge=1, description="failures in a row before a probe is off")
@@ -376,6 +415,7 @@ class ProbesConfig(Section):
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     layers: LayersConfig = Field(default_factory=LayersConfig)
     spectra: SpectraConfig = Field(default_factory=SpectraConfig)
+    system: SystemConfig = Field(default_factory=SystemConfig)
 
 
 Action = Literal["none", "skip_step", "alert", "rollback", "lr_cooldown", "batch_size", "halt"]
@@ -512,6 +552,12 @@ class PolicyConfig(Section):
     overflow: Action = "none"
     spectra: Action = "none"
     probe_failure: Action = "none"
+    straggler: Action = Field(
+        "none",
+        description="a straggler rank: its straggler event (a warning) is the page, in chat "
+        "and as YotoStragglerRank; no action and no instability episode by default (a slow "
+        "rank is no bad step)",
+    )
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     forensics: ForensicsConfig = Field(
         default_factory=ForensicsConfig, description="which sequences a spike trained on"

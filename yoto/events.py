@@ -43,6 +43,7 @@ class EventKind(StrEnum):
     DIAGNOSIS = "diagnosis"  # why a rollback's spike happened: data, state or nondeterministic
     CHAT = "chat"  # chat messages not delivered (written by the notifier, never sent to chat)
     EVAL = "eval"  # few-shot scores of a checkpoint (eval.harness), or why there are none
+    STRAGGLER = "straggler"  # a rank stayed slower than the median (probes/system.py)
 
 
 class Severity(StrEnum):
@@ -64,6 +65,7 @@ class Reason(StrEnum):
     OVERFLOW = "overflow"  # fp16/bf16 steps skipped for inf/nan gradients
     SPECTRA = "spectra"  # a layer's alpha left the healthy band
     PROBE_FAILURE = "probe_failure"  # a probe raised
+    STRAGGLER = "straggler"  # a rank slower than the median for several intervals
     # why the policy's decision is not the verdict's action
     NO_CHECKPOINT = "no_checkpoint"  # a rollback with no good checkpoint to go to
     ROLLBACK_BUDGET = "rollback_budget"  # too many rollbacks within the window
@@ -80,6 +82,7 @@ VERDICT_REASONS = (
     Reason.OVERFLOW,
     Reason.SPECTRA,
     Reason.PROBE_FAILURE,
+    Reason.STRAGGLER,
 )
 
 

@@ -12,6 +12,9 @@ from the catalog) and events; a scrape reads the latest of each. Three things ma
   statistics and spectra would otherwise be thousands of series per run. The layers kept
   are spread evenly over the depth, first and last always included; the run directory
   keeps every layer.
+- per-rank series (``rank`` label) come once per interval for the interval's ranks (the
+  slowest ones when the world is large, probes/system.py): each interval's set replaces
+  the previous one, so a rank that left it is not shown at a stale value.
 
 Metric families are built at scrape time from the catalog (one custom collector), so a
 name never appears here as a string. Writes and scrapes meet under one lock; a write is a
@@ -188,11 +191,16 @@ class Exporter:
     def write_step(self, attempt: int, step: int, values: Mapping[str, float]) -> None:
         now = time.time()
         with self._lock:
+            ranked: set[str] = set()  # metrics with per-rank series in this write
             for key, value in values.items():
                 name, labels = catalog.parse_series_key(key)
                 if "layer" in labels and not self._keep_layer(name, labels["layer"], values):
                     continue
+                if "rank" in labels:
+                    ranked.add(name)
                 self._last[key] = float(value)
+            if ranked:
+                self._forget_ranks(ranked, values)
             self._last[catalog.ATTEMPT.name] = float(attempt)
             self._last[catalog.LAST_STEP_TIME.name] = now
             loss = values.get(catalog.TRAIN_LOSS.name)
@@ -235,6 +243,13 @@ class Exporter:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+    def _forget_ranks(self, names: set[str], values: Mapping[str, float]) -> None:
+        """Drop the per-rank series of ``names`` that this write did not carry."""
+        prefixes = tuple(f"{name}{{" for name in names)
+        stale = [key for key in self._last if key.startswith(prefixes) and key not in values]
+        for key in stale:
+            del self._last[key]
 
     def _keep_layer(self, name: str, layer: str, values: Mapping[str, float]) -> bool:
         kept = self._layers_kept.get(name)

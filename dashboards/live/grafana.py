@@ -147,6 +147,43 @@ def _overview() -> Board:
             _ts(value(c.STEP_DURATION)),
         ),
     )
+    ranks = Section(
+        "Ranks",
+        (
+            _ts(
+                value(c.RANK_STEP),
+                value(c.RANK_MEDIAN_STEP, legend="{{instance}} median"),
+                title="Own step time per rank (and the median)",
+                width=16,
+            ),
+            _stat(
+                value(c.STRAGGLERS),
+                title="Stragglers",
+                thresholds=((None, "green"), (1, "red")),
+                width=8,
+                height=8,
+            ),
+            _ts(value(c.RANK_DATA_WAIT), title="Data wait per rank", width=12),
+            _ts(value(c.RANK_PEAK_MEMORY), title="Peak CUDA memory per rank", width=12),
+        ),
+    )
+    system = Section(
+        "System",
+        (
+            _ts(value(c.PROCESS_RSS), title="Host memory (RSS, rank 0)"),
+            _ts(
+                value(c.CUDA_ALLOCATED),
+                value(c.CUDA_RESERVED),
+                value(c.CUDA_PEAK),
+                title="CUDA memory (rank 0)",
+            ),
+            _bars(events(c.CUDA_ALLOC_RETRIES), title="CUDA allocation retries (rank 0)"),
+            _ts(value(c.GPU_POWER), title="GPU power (rank 0)", width=6),
+            _ts(value(c.GPU_TEMPERATURE), title="GPU temperature (rank 0)", width=6),
+            _ts(value(c.GPU_UTILIZATION), title="GPU utilisation (rank 0)", min=0, max=1, width=6),
+            _ts(value(c.GPU_SM_CLOCK), title="GPU SM clock (rank 0)", width=6),
+        ),
+    )
     live = Section(
         "Live path",
         (
@@ -161,8 +198,9 @@ def _overview() -> Board:
         "yoto-overview.json",
         "yoto-overview",
         "yoto · Overview",
-        "Is the run alive and learning: health, loss, gradient, schedule, speed.",
-        (health, training, live),
+        "Is the run alive and learning: health, loss, gradient, schedule, speed, ranks, "
+        "memory and GPUs.",
+        (health, training, ranks, system, live),
     )
 
 

@@ -106,6 +106,26 @@ CASES: dict[str, tuple[list[dict], list[dict], dict[str, str], int]] = {
         SCORE,
         3,
     ),
+    "YotoStragglerRank": (
+        # rank 1 at 1.5x the median, and the trainer flagged it
+        [
+            series(m.RANK_STEP, "0.1x10", rank="0"),
+            series(m.RANK_STEP, "0.3x10", rank="1"),
+            series(m.RANK_MEDIAN_STEP, "0.2x10"),
+            series(m.STRAGGLERS, "1x10"),
+            INFO,
+        ],
+        # as slow, but not for long enough to be flagged (yoto_stragglers 0)
+        [
+            series(m.RANK_STEP, "0.1x10", rank="0"),
+            series(m.RANK_STEP, "0.3x10", rank="1"),
+            series(m.RANK_MEDIAN_STEP, "0.2x10"),
+            series(m.STRAGGLERS, "0x10"),
+            INFO,
+        ],
+        {"rank": "1"},
+        5,
+    ),
     "YotoSpectraOutOfBand": (
         [series(m.EVENTS, "0 0 1 1", kind="spectra", severity="warning"), INFO],
         [series(m.EVENTS, "0 0 1 1", kind="spectra", severity="info"), INFO],

@@ -268,6 +268,14 @@ def test_spectra_page_draws_an_eigenvalue_histogram(visited: dict) -> None:
     assert bars and sum(sum(t["count"].to_pylist()) for t in bars) >= 32
 
 
+def test_throughput_shows_each_rank_and_the_system(visited: dict) -> None:
+    tables = [t for c in visited["pages"]["throughput"]["charts"] for t in wire.datasets(c)]
+    ranks = {r for t in tables if "rank" in t.column_names for r in t["rank"].to_pylist()}
+    assert ranks == {"0", "median"}  # the run's one rank, and the median it is judged by
+    series = {s for t in tables if "series" in t.column_names for s in t["series"].to_pylist()}
+    assert {catalog.RANK_STEP.key(rank="0"), catalog.PROCESS_RSS.name} <= series
+
+
 def test_the_explorer_never_writes_into_the_run(visited: dict) -> None:
     assert visited["after"] == visited["before"]
 

@@ -75,7 +75,7 @@ def run(
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    probe = GradNoiseProbe(GradNoiseConfig(ema=ema), zero_stage=stage)
+    probe = GradNoiseProbe(GradNoiseConfig(ema=ema))
     runner = ProbeRunner([probe])
     runner.attach(engine.module, engine)
     gen = torch.Generator().manual_seed(1000 * seed + info.rank)

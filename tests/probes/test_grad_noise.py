@@ -50,7 +50,7 @@ def test_estimator_contract() -> None:
     assert float(copy.trace_sigma) == float(est.trace_sigma)
 
 
-@pytest.mark.parametrize(("stage", "gas"), [(0, 4), (2, 4)])
+@pytest.mark.parametrize(("stage", "gas"), [(0, 4), (2, 4), (3, 4)])
 def test_hooked_micro_batch_norms_in_deepspeed(stage: int, gas: int) -> None:
     result = run(steps=500, micro=4, gas=gas, stage=stage)
     assert result["estimate"] == pytest.approx(result["exact_b_simple"], rel=0.15)

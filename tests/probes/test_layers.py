@@ -19,7 +19,16 @@ LAYER_METRICS = (
 )
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+def _full(p: torch.nn.Parameter) -> torch.Tensor:
+    """The whole parameter, flat (a ZeRO-3 one is empty outside forward: gathered)."""
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).reshape(-1).clone()
+    return p.detach().reshape(-1).clone()
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_layer_stats_match_direct_computation(tmp_path: Path, stage: int) -> None:
     trainer, store = make_trainer(
         tmp_path,
@@ -30,15 +39,13 @@ def test_layer_stats_match_direct_computation(tmp_path: Path, stage: int) -> Non
     )
     model = trainer.engine.module
     trainer.step_once()  # step 1: not a probe step
-    before = [
-        torch.cat([p.detach().reshape(-1).clone() for p in b.parameters()]) for b in model.blocks
-    ]
+    before = [torch.cat([_full(p) for p in b.parameters()]) for b in model.blocks]
     values, _ = trainer.step_once()  # step 2: the probe step
     store.close("finished")
     rows = runstore.read_layers(store.path).to_pylist()
     got = {(r["metric"], r["layer"]): r["value"] for r in rows if r["step"] == 2}
     for i, block in enumerate(model.blocks):
-        after = torch.cat([p.detach().reshape(-1) for p in block.parameters()])
+        after = torch.cat([_full(p) for p in block.parameters()])
         assert got[(catalog.LAYER_PARAM_NORM.name, str(i))] == pytest.approx(
             float(after.norm()), rel=1e-5
         )
