@@ -72,7 +72,22 @@ class Carry:
     receive: Callable[[list[float]], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Summed:
+    """A tensor a probe wants summed over the data-parallel ranks, yielded by
+    ``on_micro_step`` at the accumulation boundary: it rides in the loop's one all-reduce
+    of the step (the loss's, before the update), so the probe issues no collective of its
+    own. ``receive`` gets the sum over ranks (fp64), on the device, before ``on_step``
+    (with one rank: the tensor itself). Every rank must yield the same shapes: a probe
+    that fails on one rank only puts the ranks' buffers out of step, as a collective of
+    its own would be."""
+
+    tensor: torch.Tensor
+    receive: Callable[[torch.Tensor], None]
+
+
 StepOutput = Sample | Verdict | Record | Carry  # what a probe's on_step (and finish) may yield
+MicroOutput = Sample | Summed  # what a probe's on_micro_step may yield
 
 
 @dataclass
@@ -106,8 +121,9 @@ class Probe(Protocol):
     name: str
     every: int  # cadence in optimizer steps
 
-    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]:
-        """After each backward of a probe step (device tensors; no host reads)."""
+    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[MicroOutput]:
+        """After each backward of a probe step (device tensors; no host reads); at the
+        boundary, values to be summed over ranks too (:class:`Summed`)."""
 
     def on_step(self, ctx: StepContext) -> Iterable[StepOutput]:
         """After the optimizer step of a probe step: samples, and any verdicts or records

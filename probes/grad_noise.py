@@ -48,14 +48,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.autograd.graph import register_multi_grad_hook
 
 from yoto import catalog
 from yoto.config import GradNoiseConfig
 from yoto.events import EventKind, Severity
 
-from .base import HookGuard, MicroStepContext, Sample, StepContext, Verdict
+from .base import HookGuard, MicroStepContext, Sample, StepContext, Summed, Verdict
 from .precision import loss_scale
 from .sharded import whole
 
@@ -184,6 +183,7 @@ class GradNoiseProbe:
         self._on = False
         self._norms: list[torch.Tensor] = []  # per-parameter norms of this micro-batch
         self._small_sum: torch.Tensor | None = None  # sum over this step's micro-batches
+        self._small_total: torch.Tensor | None = None  # ... and over the ranks
         self._last_batch: int | None = None
         self._said: set[str] = set()
         self._device = torch.device("cpu")
@@ -218,17 +218,24 @@ class GradNoiseProbe:
 
     # probe protocol
 
-    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]:
+    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Summed]:
         if self.fp16:  # the scale this backward used (it may grow in the coming step)
             self._scale = loss_scale(ctx.engine)
         if self._norms:
             micro = torch.stack(self._norms).square().sum()
             self._small_sum = micro if self._small_sum is None else self._small_sum + micro
             self._norms = []
+        if ctx.micro == ctx.n_micro - 1 and self._small_sum is not None:
+            # the sum over ranks rides in the loop's all-reduce of the loss (no collective)
+            return (Summed(self._small_sum, self._receive),)
         return ()
 
+    def _receive(self, total: torch.Tensor) -> None:
+        self._small_total = total
+
     def on_step(self, ctx: StepContext) -> Iterable[Sample | Verdict]:
-        small_sum, self._small_sum = self._small_sum, None
+        small_sum, self._small_sum = self._small_total, None  # summed over the ranks
+        self._small_total = None
         if ctx.n_micro * ctx.world <= 1:
             return self._say_once(
                 "one_batch",
@@ -245,10 +252,8 @@ class GradNoiseProbe:
         scale = float(ctx.n_micro)
         if self.fp16:
             scale /= self._scale
-        small_sq = small_sum.double() * (scale * scale) / ctx.n_micro
-        if ctx.world > 1:
-            dist.all_reduce(small_sq, op=dist.ReduceOp.SUM)
-            small_sq = small_sq / ctx.world
+        # the mean over this step's micro-batches of every rank
+        small_sq = small_sum.double() * (scale * scale) / (ctx.n_micro * ctx.world)
         norm = ctx.grad_norm
         big_sq = norm.double() ** 2 if isinstance(norm, torch.Tensor) else float(norm) ** 2
         if (

@@ -26,7 +26,8 @@ and every ``probes.precision.detail_every`` steps, by hooks active on those step
 The underflow ratio counts the weight matrices' gradients as the hooks see them: each
 micro-batch's gradient on each rank, before DeepSpeed accumulates, reduces or partitions it
 (so the same at every ZeRO stage), scaled by the loss scale under fp16, which is the point
-of loss scaling; the ranks' counts are summed (one all-reduce on detail steps). Embedding
+of loss scaling; the ranks' counts are summed (in the loop's all-reduce of the loss, so no
+collective of their own). Embedding
 tables are left out because rows of tokens absent from a batch are zero by construction,
 not by underflow.
 
@@ -40,14 +41,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from yoto import catalog
 from yoto.config import PrecisionConfig
 from yoto.events import EventKind, Reason, Severity
 
-from .base import HookGuard, MicroStepContext, Sample, StepContext, Verdict
+from .base import HookGuard, MicroStepContext, Sample, StepContext, Summed, Verdict
 from .sharded import whole
 
 
@@ -98,6 +98,7 @@ class PrecisionProbe:
         self._dtype: dict[str, torch.dtype] = {}
         self._small = torch.zeros(())
         self._entries = 0
+        self._counts: torch.Tensor | None = None  # (small, entries), summed over ranks
 
     # hooks (detail steps only)
 
@@ -148,8 +149,16 @@ class PrecisionProbe:
 
     # probe protocol
 
-    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Sample]:
+    def on_micro_step(self, ctx: MicroStepContext) -> Iterable[Summed]:
+        if ctx.micro == ctx.n_micro - 1 and self._entries:
+            # every rank's counts, summed in the loop's all-reduce of the loss
+            small = self._small.double()
+            entries = torch.full_like(small, float(self._entries))  # a fill: no host copy
+            return (Summed(torch.stack([small, entries]), self._receive),)
         return ()
+
+    def _receive(self, counts: torch.Tensor) -> None:
+        self._counts = counts
 
     def on_step(self, ctx: StepContext) -> Iterable[Sample]:
         samples = self._fp16_samples(ctx) if self.fp16 else self._nonfinite_samples(ctx)
@@ -165,14 +174,10 @@ class PrecisionProbe:
                     )
                 )
             self._absmax = {}
-        if self._entries:
-            small = self._small.double()
-            entries = torch.full_like(small, float(self._entries))  # a fill: no host copy
-            counts = torch.stack([small, entries])
-            if ctx.world > 1:  # every rank's micro-batches: one all-reduce, detail steps only
-                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-            samples.append(Sample(catalog.GRAD_UNDERFLOW.name, counts[0] / counts[1]))
-            self._entries = 0
+        if self._counts is not None:  # (small, entries) over every rank's micro-batches
+            small, entries = self._counts
+            samples.append(Sample(catalog.GRAD_UNDERFLOW.name, small / entries))
+        self._entries, self._counts = 0, None
         return samples
 
     def _fp16_samples(self, ctx: StepContext) -> list[Sample]:

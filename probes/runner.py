@@ -1,11 +1,13 @@
 """Runs the probes and detectors; moves each step's values to the host in one transfer.
 
 Per step the loop calls, in order: ``begin_step`` (tells hook-based probes whether this is
-one of their steps), ``on_micro_step`` after each backward, ``on_step`` after the
-optimizer step, ``flush`` (the one device-to-host copy), then ``detect`` (host-side
-detectors -> verdicts). A probe that raises, directly or inside one of its hooks, is
-isolated: its samples for that step are dropped, the error comes back as a verdict (an
-event), and after ``max_failures`` failures in a row the probe is switched off.
+one of their steps), ``on_micro_step`` after each backward (at the accumulation boundary
+``take_summed``: what probes want summed over ranks rides in the loop's all-reduce of the
+loss), ``on_step`` after the optimizer step, ``flush`` (the one device-to-host copy), then
+``detect`` (host-side detectors -> verdicts). A probe that raises, directly or inside one
+of its hooks, is isolated: its samples for that step are dropped, the error comes back as
+a verdict (an event), and after ``max_failures`` failures in a row the probe is switched
+off.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .base import (
     Sample,
     StepContext,
     StepOutput,
+    Summed,
     Verdict,
 )
 
@@ -63,6 +66,7 @@ class ProbeRunner:
         self._verdicts: list[Verdict] = []
         self._records: list[Record] = []
         self._carried: list[Carry] = []
+        self._summed: list[Summed] = []
         self._step = 0
 
     # --- samples --------------------------------------------------------------------------
@@ -99,6 +103,7 @@ class ProbeRunner:
     def begin_step(self, step: int) -> None:
         """``step`` is the optimizer step about to run (1-based)."""
         self._step = step
+        self._summed = []  # a step cut short (an exception) leaves nothing behind
         for probe in self.probes:
             if isinstance(probe, Attaches) and probe.name not in self.disabled:
                 probe.active(step if step % probe.every == 0 else -1)
@@ -136,12 +141,19 @@ class ProbeRunner:
         self._verdicts.extend(i for i in items if isinstance(i, Verdict))
         self._records.extend(i for i in items if isinstance(i, Record))
         self._carried.extend(i for i in items if isinstance(i, Carry))
+        self._summed.extend(i for i in items if isinstance(i, Summed))
 
     def finish(self, timeout: float | None) -> None:
         """End of a run: probes with work in flight (spectra) may hand it in now."""
         for probe in self.probes:
             if isinstance(probe, Finishes) and probe.name not in self.disabled:
                 self._guarded(probe, lambda p=probe: self._collect(p, p.finish(timeout)))
+
+    def take_summed(self) -> list[Summed]:
+        """The tensors probes asked to have summed over ranks this step (the loop adds
+        them to its all-reduce at the accumulation boundary and hands the sums back)."""
+        summed, self._summed = self._summed, []
+        return summed
 
     def take_records(self) -> list[Record]:
         records, self._records = self._records, []

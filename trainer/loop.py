@@ -14,7 +14,8 @@ One optimizer step (``Trainer.step_once``), in order, and where each hook fires 
           loss = engine(x, y)                 forward hooks (activations) on probe steps only
           engine.backward(loss)               param hooks (micro-batch grad norms) on device
           runner.on_micro_step(ctx)           <- micro-batch hook
-      (boundary) mean loss + stop flag        one all-reduce, before the update
+      (boundary) mean loss + stop flag        one all-reduce, before the update (+ the
+                                              probes' sums over ranks: runner.take_summed)
       skip_gate.begin(loss, grad_norm)        skip-step: the outlier test, on device
           engine.step()                       DeepSpeed applies the update at the boundary
       skip_gate.end()                         (the update was skipped or applied)
@@ -393,18 +394,32 @@ class Trainer:
         """Mean loss over ranks and the stop flag in one collective (only with several
         ranks; the flags stay on device), before the update: skip-step's test needs the
         global loss. Every rank's own loss rides along (``world`` more floats), for the
-        step's record: a replay diagnosis names the rank whose loss it does not repeat."""
+        step's record: a replay diagnosis names the rank whose loss it does not repeat.
+        So do the probes' sums over ranks (``runner.take_summed``: the noise scale's
+        micro-batch norms, underflow counts), so that they cost no collective of their own;
+        the buffer is fp64 for them, the loss goes back to its own dtype."""
         info = self.info
         work.loss = loss
+        summed = self.runner.take_summed()
         if info.world > 1:
             flags = torch.tensor([1.0 if self._stopping() else 0.0], device=info.device)
             means = [loss] if work.z_loss is None else [loss, work.z_loss]  # z-loss rides along
             own = torch.zeros(info.world, device=info.device, dtype=loss.dtype)
             own[info.rank] = loss.detach()
-            buf = distributed.all_reduce_sum_(torch.cat([torch.stack(means), flags, own]))
+            head = torch.cat([torch.stack(means), flags, own])
+            probes = [s.tensor.detach().reshape(-1).to(info.device, torch.float64) for s in summed]
+            buf = distributed.all_reduce_sum_(torch.cat([head.double(), *probes]))
+            total, at = buf[len(head) :], 0
+            buf = buf[: len(head)].to(loss.dtype)
             work.loss, work.control = buf[0] / info.world, buf[len(means) :]  # flag, losses
             if work.z_loss is not None:
                 work.z_loss = buf[1] / info.world
+            for item, part in zip(summed, probes, strict=True):
+                item.receive(total[at : at + part.numel()].reshape(item.tensor.shape))
+                at += part.numel()
+        else:
+            for item in summed:
+                item.receive(item.tensor.detach().double())
 
     def _stopping(self) -> bool:
         """A stop was asked for, or a diagnosis's replay ran past its time budget."""

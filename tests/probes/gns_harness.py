@@ -1,6 +1,7 @@
 """A least-squares problem whose gradient noise scale is known exactly, run through a real
 DeepSpeed engine (lr = 0, so the truth does not move) with GradNoiseProbe attached and
-driven the way trainer/loop.py drives it. Used in-process by the tests, and under torchrun
+driven the way trainer/loop.py drives it (the probe's sum over ranks included, which the
+loop adds to its all-reduce of the loss). Used in-process by the tests, and under torchrun
 for several ranks (``python -m torch.distributed.run ... tests/probes/gns_harness.py``,
 which prints one JSON line from rank 0)."""
 
@@ -89,6 +90,11 @@ def run(
             loss = engine(x[idx], y[idx])
             engine.backward(loss)
             runner.on_micro_step(MicroStepContext(step, m, gas, loss.detach(), idx, engine))
+            for item in runner.take_summed():  # the loop sums these with its loss
+                total = item.tensor.detach().double().reshape(-1).clone()
+                if info.world > 1:
+                    dist.all_reduce(total)
+                item.receive(total.reshape(item.tensor.shape))
             if m == gas - 1 and stage == 0:
                 norm = clip_own(engine, 0.0)
             engine.step()
