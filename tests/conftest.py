@@ -15,6 +15,19 @@ share_cpus_gracefully()  # as `yoto` does, before anything loads torch (in-proce
 from tests.helpers import train_in_process  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _torch_linear_as_it_was():
+    """DeepSpeed's ZeRO-3 engine replaces ``torch.nn.functional.linear`` with its own for the
+    whole process ("persists unless manually reset"). A ZeRO-3 engine built in this process
+    by one test would otherwise change the bits of every later in-process run, and a
+    resume would no longer repeat its original branch exactly."""
+    import torch.nn.functional as F
+
+    original = F.linear
+    yield
+    F.linear = original
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's job: the tiny preset, its own steps, default corpus, one rank."""

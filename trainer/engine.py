@@ -180,6 +180,22 @@ def build_engine(model: torch.nn.Module, cfg: Config, info: DistInfo) -> Any:
     return engine
 
 
+def restore_torch_linear() -> None:
+    """DeepSpeed's ZeRO-3 engine replaces ``torch.nn.functional.linear`` with its own for
+    the whole process (it "persists unless manually reset"). Put torch's back when a run
+    is over, so that a later run in the same process (``yoto sweep``'s next) trains with
+    torch's linear unless it builds a ZeRO-3 engine itself (which swaps it in again)."""
+    try:
+        from deepspeed.runtime.zero.partition_parameters import (
+            InsertPostInitMethodToModuleSubClasses as ZeroInit,
+        )
+    except ImportError:
+        return
+    original = getattr(ZeroInit, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

@@ -146,6 +146,7 @@ def train(
         _record_crash(exc, trainer, store, sinks)
         raise
     finally:
+        eng.restore_torch_linear()  # ZeRO-3 swapped it for the whole process
         if trainer is not None:
             trainer.runner.detach()  # hooks off, the spectra worker stopped
             if trainer.evaluator is not None:

@@ -58,6 +58,15 @@ EMPTY_BECAUSE = {
     catalog.SKIPPED_STEPS.name: "skip-step is off: no update was skipped",
     catalog.EVAL_SCORE.name: "few-shot evaluation is off (eval.harness.every=0)",
     catalog.EVAL_SKIPPED.name: "few-shot evaluation is off (eval.harness.every=0)",
+    catalog.RANK_PEAK_MEMORY.name: "CUDA only; this run trains on the CPU",
+    catalog.CUDA_ALLOCATED.name: "CUDA only",
+    catalog.CUDA_RESERVED.name: "CUDA only",
+    catalog.CUDA_PEAK.name: "CUDA only",
+    catalog.CUDA_ALLOC_RETRIES.name: "CUDA only",
+    catalog.GPU_POWER.name: "NVML only (a GPU and nvidia-ml-py)",
+    catalog.GPU_TEMPERATURE.name: "NVML only",
+    catalog.GPU_UTILIZATION.name: "NVML only",
+    catalog.GPU_SM_CLOCK.name: "NVML only",
 }
 
 

@@ -257,3 +257,13 @@ def test_resume_on_changed_data_is_refused_and_the_run_kept(run_copy: Path, caps
     assert [c.step for c in runstore.list_checkpoints(run_copy / "checkpoints")] == [300, 400, 500]
     last = runstore.read_events(run_copy)[-1]
     assert last["kind"] == "end" and last["message"].startswith("resume refused")
+
+
+def test_a_zero3_run_gives_torch_its_linear_back(tmp_path: Path) -> None:
+    """DeepSpeed's ZeRO-3 engine swaps torch.nn.functional.linear for the whole process; a
+    later run in it (yoto sweep's next) must not train through DeepSpeed's linear."""
+    import torch
+
+    original = torch.nn.functional.linear
+    train_in_process(tmp_path, *fast("train.steps=2", "train.zero_stage=3", "probes.enabled=false"))
+    assert torch.nn.functional.linear is original
