@@ -46,6 +46,29 @@ def make(shape: list[str], variant: list[str], root: str):
     return make_trainer("tiny", [*shape, *variant], root)
 
 
+def interleaved(
+    trainers: dict, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, Counter]]:
+    """Warm every trainer up, then ``args.rounds`` rounds of ``args.steps`` steps each, the
+    variants in alternating order, so the machine's noise hits all alike. Returns each
+    variant's mean step time per round, and its host reads."""
+    for trainer in trainers.values():  # warm-up, not measured: one-time costs (lazy
+        for _ in range(args.warmup):  # imports, the spectra worker's start) stay out
+            trainer.step_once()
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    reads: dict[str, Counter] = {name: Counter() for name in trainers}
+    for r in range(args.rounds):
+        order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
+        for name in order:
+            trainer = trainers[name]
+            with counting_host_reads(reads[name]):
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    trainer.step_once()
+                times[name].append((time.perf_counter() - start) / args.steps)
+    return times, reads
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -72,22 +95,8 @@ def main() -> int:
             f"spectra_every_{args.spectra_every}": [f"probes.spectra.every={args.spectra_every}"],
         }
         trainers = {name: make(shape, v, root) for name, v in variants.items()}
-        for trainer in trainers.values():  # warm-up, not measured: one-time costs (lazy
-            for _ in range(args.warmup):  # imports, the spectra worker's start) stay out
-                trainer.step_once()
-        times: dict[str, list[float]] = {name: [] for name in trainers}
-        reads: dict[str, Counter] = {name: Counter() for name in trainers}
-        steps: Counter = Counter()
-        for r in range(args.rounds):
-            order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
-            for name in order:
-                trainer = trainers[name]
-                with counting_host_reads(reads[name]):
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        trainer.step_once()
-                    times[name].append((time.perf_counter() - start) / args.steps)
-                steps[name] += args.steps
+        times, reads = interleaved(trainers, args)
+        steps = Counter(dict.fromkeys(trainers, args.rounds * args.steps))
         # a round spans the probes' cadence, so its mean step time includes their periodic
         # work; the median over rounds resists the machine's noise
         med = {name: statistics.median(v) for name, v in times.items()}
@@ -167,20 +176,7 @@ def zero_main(args: argparse.Namespace) -> int:
         "zero0_default": ["train.zero_stage=0", *off],
     }
     trainers = {name: make(SHAPES["tiny"], v, root) for name, v in variants.items()}
-    for trainer in trainers.values():
-        for _ in range(args.warmup):
-            trainer.step_once()
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    reads: dict[str, Counter] = {name: Counter() for name in trainers}
-    for r in range(args.rounds):
-        order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
-        for name in order:
-            trainer = trainers[name]
-            with counting_host_reads(reads[name]):
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    trainer.step_once()
-                times[name].append((time.perf_counter() - start) / args.steps)
+    times, reads = interleaved(trainers, args)
     # both ranks measured the same rounds; a step ends when the slower rank is done
     mine = {name: statistics.median(v) for name, v in times.items()}
     gathered: list = [None] * dist.get_world_size()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import FAST, ROOT, subprocess_env, torchrun
+from tests.probes.test_layers import LAYER_METRICS
 from yoto import catalog
 
 STEPS = 6
@@ -34,12 +35,7 @@ VARIANTS = {  # ZeRO-3 last: its engine swaps in its own linear function for the
 }
 SHARDED = [v for v in VARIANTS if v != "zero0" and not v.endswith("probes_off")]
 EXACT = (  # within 1e-4 relative of ZeRO-0, step by step
-    catalog.LAYER_GRAD_NORM,
-    catalog.LAYER_PARAM_NORM,
-    catalog.LAYER_UPDATE_RATIO,
-    catalog.ACTIVATION_RMS,
-    catalog.ATTENTION_LOGIT_MAX,
-    catalog.ATTENTION_ENTROPY,
+    *LAYER_METRICS,
     catalog.OUTPUT_LOG_Z,
     catalog.ACTIVATION_ABSMAX,
     catalog.GRAD_UNDERFLOW,
